@@ -1,0 +1,1 @@
+"""Gradio demo: dense and sparse generations side by side. Installed as ``dit_sparse.app``."""

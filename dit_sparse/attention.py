@@ -1,0 +1,155 @@
+"""The attention op: gather into the plan's token orders, run a block-sparse backend, scatter back."""
+
+from __future__ import annotations
+
+import torch
+
+from .plan import BlockSparsePlan
+
+BACKENDS = ("auto", "torch", "torch_reference", "triton", "flex")
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockSparsePlan,
+    backend: str = "auto",
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Block-sparse attention over ``plan``, in diffusers' ``(B, S, H, D)`` layout.
+
+    Args:
+        q, k, v: ``(B, S, H, D)`` in the original token order (fp32, fp16 or bf16).
+        plan: a :class:`BlockSparsePlan` for ``S`` tokens and ``H`` heads, of batch size 1 or B.
+        backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"torch"``, ``"triton"``,
+            ``"flex"`` (FlexAttention) or ``"torch_reference"`` (dense masked SDPA, for tests).
+        scale: softmax scale, default ``D ** -0.5``.
+
+    Returns ``(B, S, H, D)``; query blocks that attend no key give zeros.
+
+    Example::
+
+        >>> layout = TokenLayout(grid=(2, 8, 8))
+        >>> mask = torch.ones(2, 2, 2, dtype=torch.bool)
+        >>> plan = BlockSparsePlan.from_block_mask(mask, layout, 64)
+        >>> q = k = v = torch.randn(1, 128, 2, 16)
+        >>> sparse_attention(q, k, v, plan).shape
+        torch.Size([1, 128, 2, 16])
+    """
+    batch, seq, heads, _ = _check_inputs(q, k, v, plan)
+    name = resolve_backend(backend, q.device)
+    plan = plan.to(q.device)
+    if name == "torch_reference":
+        from dit_sparse.kernels.masked_attention_reference import masked_attention_reference
+
+        out = masked_attention_reference(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), plan.to_token_mask(batch), scale
+        )
+        return out.transpose(1, 2)
+
+    qp = _to_plan_order(q, plan, "q")
+    kp = _to_plan_order(k, plan, "kv")
+    vp = _to_plan_order(v, plan, "kv")
+    valid = plan.layout.key_valid_len(batch)
+    valid = None if valid is None else valid.to(q.device)
+    out = _KERNELS[name](qp, kp, vp, plan, valid, scale)
+    return _from_plan_order(out, plan)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend ``backend`` means on ``device``; an error if it cannot run there."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if backend == "triton" and not _triton_available():
+        raise RuntimeError("backend='triton' needs the triton package (Linux); use backend='torch' instead")
+    return backend
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_inputs(q, k, v, plan: BlockSparsePlan) -> tuple[int, int, int, int]:
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            f"q, k and v must share one (B, S, H, D) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    batch, seq, heads, dim = q.shape
+    if seq != plan.layout.seq_len:
+        raise ValueError(
+            f"the plan is for {plan.layout.seq_len} tokens (grid {plan.layout.grid} + {plan.layout.text_len} "
+            f"text) but q has {seq}; build a plan for this layout"
+        )
+    if heads != plan.num_heads:
+        raise ValueError(f"the plan has {plan.num_heads} heads but q has {heads}")
+    if plan.batch_size not in (1, batch):
+        raise ValueError(f"the plan is for batch size {plan.batch_size} but q has {batch}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"sparse_attention supports fp32, fp16 and bf16, got {q.dtype}")
+    return batch, seq, heads, dim
+
+
+def _gather_index(plan: BlockSparsePlan, which: str, batch: int) -> torch.Tensor:
+    """Rows of ``x.reshape(B*S*H, D)`` that make up ``[B, H, S]`` in the plan's order."""
+
+    def build() -> torch.Tensor:
+        order = plan.order(which, batch)
+        seq, heads = plan.layout.seq_len, plan.num_heads
+        b = torch.arange(batch, device=order.device)[:, None, None]
+        h = torch.arange(heads, device=order.device)[None, :, None]
+        return ((b * seq + order) * heads + h).reshape(-1)
+
+    return plan.cached(("gather", which, batch), build)
+
+
+def _scatter_index(plan: BlockSparsePlan, batch: int) -> torch.Tensor:
+    """Rows of the permuted output ``[B*H*S, D]`` that make up ``(B, S, H)`` in original order."""
+
+    def build() -> torch.Tensor:
+        inv = plan.inverse_order("q", batch)
+        seq, heads = plan.layout.seq_len, plan.num_heads
+        b = torch.arange(batch, device=inv.device)[:, None, None]
+        h = torch.arange(heads, device=inv.device)[None, :, None]
+        return ((b * heads + h) * seq + inv).permute(0, 2, 1).reshape(-1)
+
+    return plan.cached(("scatter", batch), build)
+
+
+def _to_plan_order(x: torch.Tensor, plan: BlockSparsePlan, which: str) -> torch.Tensor:
+    batch, seq, heads, dim = x.shape
+    if getattr(plan, f"{which}_order") is None:
+        return x.transpose(1, 2).contiguous()
+    return x.reshape(-1, dim).index_select(0, _gather_index(plan, which, batch)).view(batch, heads, seq, dim)
+
+
+def _from_plan_order(out: torch.Tensor, plan: BlockSparsePlan) -> torch.Tensor:
+    batch, heads, seq, dim = out.shape
+    if plan.q_order is None:
+        return out.transpose(1, 2)
+    return out.reshape(-1, dim).index_select(0, _scatter_index(plan, batch)).view(batch, seq, heads, dim)
+
+
+def _torch_kernel(q, k, v, plan: BlockSparsePlan, valid, scale):
+    from dit_sparse.kernels.block_sparse_attention_torch import block_sparse_attention_torch
+
+    return block_sparse_attention_torch(
+        q, k, v, plan.kv_counts, plan.kv_offsets, plan.kv_indices, plan.block_size_q, plan.block_size_k,
+        kv_valid_len=valid, scale=scale,
+    )
+
+
+def _unavailable(name: str):
+    def kernel(*_args, **_kwargs):
+        raise NotImplementedError(f"the {name!r} attention backend is not available in this build")
+
+    return kernel
+
+
+_KERNELS = {"torch": _torch_kernel, "triton": _unavailable("triton"), "flex": _unavailable("flex")}

@@ -1,0 +1,150 @@
+"""What a user sets: the sparse pattern, its budget, and when attention stays dense."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from .attention import BACKENDS
+
+PATTERNS = ("auto", "radial", "spatiotemporal", "semantic", "adaptive", "dense")
+DEFAULT_DENSITY = 0.15
+
+
+@dataclass
+class SparseAttentionConfig:
+    """Configuration for :func:`dit_sparse.apply_sparse_attention`.
+
+    Args:
+        pattern: ``"auto"`` (per head, the family with the best measured recall), ``"radial"``,
+            ``"spatiotemporal"``, ``"semantic"``, ``"adaptive"`` (measured block mass), or
+            ``"dense"`` (the hooks run, attention stays dense: a baseline).
+        density: fraction of key blocks each query block keeps. The default budget (0.15) when
+            neither ``top_p`` nor ``alpha`` is given.
+        top_p: keep each query block's heaviest key blocks until this share of its attention mass.
+        alpha, exponent: keep ``alpha * n ** exponent`` keys per query for ``n`` keys: a budget that
+            adapts to the sequence length ("Attention is naturally n^C-sparse").
+        dense_steps: leading denoising steps run dense, as a count or a fraction of the run. The
+            last dense step also calibrates the plans.
+        dense_last_steps: trailing steps run dense.
+        dense_layers: self-attention layers (by index) that always run dense.
+        recalibrate_at: steps at which plans are measured again (with a dense pass).
+        block_size: tokens per block, or ``(query, key)`` block sizes.
+        tile_shape: ``(t, h, w)`` spatio-temporal tile that blocks are cut from; ``None`` picks one
+            whose volume is the key block size.
+        min_recall: with ``pattern="auto"``, a head whose best family keeps less attention mass
+            than this stays dense.
+        backend: attention backend (see :func:`dit_sparse.sparse_attention`).
+        per_context_plans: separate plans for the conditional and unconditional CFG passes.
+        seed: seed of the semantic clustering.
+
+    Example::
+
+        >>> from dit_sparse import SparseAttentionConfig
+        >>> SparseAttentionConfig(pattern="radial", density=0.2).num_dense_steps(50)
+        12
+    """
+
+    pattern: str = "auto"
+    density: float | None = None
+    top_p: float | None = None
+    alpha: float | None = None
+    exponent: float = 0.5
+    dense_steps: int | float = 0.25
+    dense_last_steps: int = 0
+    dense_layers: tuple[int, ...] = (0,)
+    recalibrate_at: tuple[int, ...] = ()
+    block_size: int | tuple[int, int] = 64
+    tile_shape: tuple[int, int, int] | None = None
+    min_recall: float = 0.8
+    backend: str = "auto"
+    per_context_plans: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"pattern must be one of {', '.join(PATTERNS)}; got {self.pattern!r}")
+        budgets = [name for name in ("density", "top_p", "alpha") if getattr(self, name) is not None]
+        if len(budgets) > 1:
+            raise ValueError(f"give one budget (density, top_p or alpha), got {' and '.join(budgets)}")
+        if not budgets:
+            self.density = DEFAULT_DENSITY
+        _check_fraction("density", self.density)
+        _check_fraction("top_p", self.top_p)
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not 0 < self.exponent < 1:
+            raise ValueError(f"exponent must lie in (0, 1), got {self.exponent}")
+        if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, (int, float)):
+            raise TypeError(f"dense_steps must be an int (steps) or a float (fraction), got {self.dense_steps!r}")
+        if isinstance(self.dense_steps, float) and not 0.0 <= self.dense_steps <= 1.0:
+            raise ValueError(f"a fractional dense_steps must lie in [0, 1], got {self.dense_steps}")
+        if self.dense_steps < 0:
+            raise ValueError(f"dense_steps must be >= 0, got {self.dense_steps}")
+        _check_count("dense_last_steps", self.dense_last_steps)
+        self.dense_layers = _index_tuple("dense_layers", self.dense_layers)
+        self.recalibrate_at = _index_tuple("recalibrate_at", self.recalibrate_at)
+        bq, bk = (self.block_size,) * 2 if isinstance(self.block_size, int) else tuple(self.block_size)
+        for b in (bq, bk):
+            if not (isinstance(b, int) and b >= 16 and b & (b - 1) == 0):
+                raise ValueError(f"block sizes must be powers of two >= 16 (64 or 128 are fast), got {self.block_size!r}")
+        if self.tile_shape is not None:
+            tile = tuple(self.tile_shape)
+            if len(tile) != 3 or not all(isinstance(s, int) and s >= 1 for s in tile):
+                raise ValueError(f"tile_shape must be three positive ints (t, h, w), got {self.tile_shape!r}")
+            self.tile_shape = tile
+        _check_fraction("min_recall", self.min_recall, allow_zero=True)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+
+    @property
+    def block_sizes(self) -> tuple[int, int]:
+        """``(query, key)`` block sizes."""
+        return (self.block_size,) * 2 if isinstance(self.block_size, int) else tuple(self.block_size)
+
+    @property
+    def tile(self) -> tuple[int, int, int]:
+        """The tile shape in use: ``tile_shape``, or a tile of one key block's volume
+        (64 -> 1x8x8, 128 -> 2x8x8)."""
+        if self.tile_shape is not None:
+            return self.tile_shape
+        bits = self.block_sizes[1].bit_length() - 1
+        side = 1 << (bits // 2)
+        return (1 << (bits % 2), side, side)
+
+    def num_dense_steps(self, total_steps: int) -> int:
+        """Leading dense steps for a run of ``total_steps`` (a fraction rounds down, to at least 1)."""
+        if isinstance(self.dense_steps, float):
+            return min(total_steps, max(1 if self.dense_steps > 0 else 0, int(self.dense_steps * total_steps)))
+        return min(total_steps, self.dense_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SparseAttentionConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SparseAttentionConfig fields: {', '.join(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _check_fraction(name: str, value: float | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    low_ok = value >= 0 if allow_zero else value > 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok and value <= 1):
+        raise ValueError(f"{name} must lie in {'[0' if allow_zero else '(0'}, 1], got {value!r}")
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+def _index_tuple(name: str, value) -> tuple[int, ...]:
+    items = (value,) if isinstance(value, int) else tuple(value)
+    for item in items:
+        _check_count(f"every entry of {name}", item)
+    return tuple(sorted(set(items)))

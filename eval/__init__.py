@@ -1,0 +1,1 @@
+"""Evaluation and benchmarks: speed and fidelity against dense attention. Installed as ``dit_sparse.eval``."""

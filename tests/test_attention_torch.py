@@ -1,0 +1,129 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dit_sparse import BlockSparsePlan, TokenLayout, sparse_attention
+from random_plans import random_plan
+
+CASES = [
+    # grid, text_len, text_first, valid_text_len, batch, block_size
+    ((5, 10, 20), 0, False, None, 1, 64),          # 1000 tokens, blocks of 64: a partial last block
+    ((3, 9, 13), 0, False, None, 2, 64),
+    ((2, 7, 11), 13, False, None, 1, 32),
+    ((2, 7, 11), 13, True, None, 2, 32),
+    ((3, 6, 10), 21, False, (21, 5), 2, 64),       # HunyuanVideo-style padded text
+    ((3, 6, 10), 21, True, (3, 21), 2, (64, 32)),
+    ((4, 8, 8), 7, True, None, 2, (32, 64)),
+]
+
+
+def qkv(layout, heads, batch, dim=32, dtype=torch.float32):
+    return [torch.randn(batch, layout.seq_len, heads, dim).to(dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_torch_backend_matches_reference_fp32(case, seed):
+    grid, text_len, text_first, valid, batch, block = case
+    layout = TokenLayout(grid, text_len, text_first, valid)
+    plan = random_plan(layout, heads=3, block_size=block, batch=batch, density=0.1 + 0.2 * seed, empty_rows=2, seed=seed)
+    q, k, v = qkv(layout, 3, batch)
+    ref = sparse_attention(q, k, v, plan, backend="torch_reference")
+    out = sparse_attention(q, k, v, plan, backend="torch")
+    assert out.shape == q.shape and not out.isnan().any()
+    assert (out - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
+@pytest.mark.parametrize("case", CASES[::2])
+def test_torch_backend_matches_reference_half(case, dtype, tol):
+    grid, text_len, text_first, valid, batch, block = case
+    layout = TokenLayout(grid, text_len, text_first, valid)
+    plan = random_plan(layout, heads=2, block_size=block, batch=batch, empty_rows=1, seed=7)
+    q, k, v = qkv(layout, 2, batch, dtype=dtype)
+    ref = sparse_attention(q, k, v, plan, backend="torch_reference")
+    out = sparse_attention(q, k, v, plan, backend="torch")
+    assert out.dtype == dtype and not out.isnan().any()
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_batch_elements_get_their_own_plans():
+    layout = TokenLayout((3, 8, 8), text_len=5)
+    plans = [random_plan(layout, heads=2, block_size=32, density=d, seed=s) for d, s in ((0.2, 1), (0.6, 2))]
+    both = BlockSparsePlan.concat_batch(plans)
+    q, k, v = qkv(layout, 2, 2)
+    out = sparse_attention(q, k, v, both, backend="torch")
+    for b, plan in enumerate(plans):
+        alone = sparse_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], plan, backend="torch_reference")
+        assert (out[b : b + 1] - alone).abs().max() <= 1e-5
+
+
+def test_plan_of_batch_one_is_shared():
+    layout = TokenLayout((2, 8, 8))
+    plan = random_plan(layout, heads=2, block_size=16, seed=4)
+    q, k, v = qkv(layout, 2, 3)
+    out = sparse_attention(q, k, v, plan, backend="torch")
+    for b in range(3):
+        one = sparse_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], plan, backend="torch_reference")
+        assert (out[b : b + 1] - one).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("grid,text_len,block", [((5, 10, 20), 0, 64), ((3, 6, 10), 17, 64), ((2, 7, 9), 5, (32, 16))])
+def test_full_plan_equals_plain_sdpa(grid, text_len, block):
+    layout = TokenLayout(grid, text_len)
+    bq, bk = (block, block) if isinstance(block, int) else block
+    mask = torch.ones(4, layout.num_blocks(bq), layout.num_blocks(bk), dtype=torch.bool)
+    plan = BlockSparsePlan.from_block_mask(mask, layout, block, q_order=layout.tile_order((1, 4, 4)))
+    q, k, v = qkv(layout, 4, 2)
+    expected = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    for backend in ("torch", "torch_reference"):
+        assert (sparse_attention(q, k, v, plan, backend=backend) - expected).abs().max() <= 1e-5
+
+
+def test_rows_without_keys_give_zeros():
+    layout = TokenLayout((2, 8, 8))
+    mask = torch.ones(1, 2, 4, 4, dtype=torch.bool)
+    mask[0, 1, 2] = False
+    plan = BlockSparsePlan.from_block_mask(mask, layout, 32)
+    q, k, v = qkv(layout, 2, 1)
+    out = sparse_attention(q, k, v, plan, backend="torch")
+    assert out[0, 64:96, 1].eq(0).all() and out[0, 64:96, 0].abs().sum() > 0
+    assert not out.isnan().any()
+
+
+def test_rows_whose_only_keys_are_padding_give_zeros():
+    layout = TokenLayout((1, 4, 8), text_len=32, valid_text_len=(0,))
+    mask = torch.zeros(1, 1, 2, 2, dtype=torch.bool)  # video rows keep no video block; text is all padding
+    plan = BlockSparsePlan.from_block_mask(mask, layout, 32)
+    q, k, v = qkv(layout, 1, 1)
+    out = sparse_attention(q, k, v, plan, backend="torch")
+    ref = sparse_attention(q, k, v, plan, backend="torch_reference")
+    assert out[0, :32].eq(0).all() and not out.isnan().any()
+    assert (out - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda q, k, v: (q[:, :-1], k[:, :-1], v[:, :-1]), "plan is for 128 tokens"),
+        (lambda q, k, v: (q[:, :, :1], k[:, :, :1], v[:, :, :1]), "heads"),
+        (lambda q, k, v: (q, k[:, :-1], v), "share one"),
+        (lambda q, k, v: (q.double(), k.double(), v.double()), "fp32, fp16 and bf16"),
+    ],
+)
+def test_bad_inputs_are_rejected(change, match):
+    layout = TokenLayout((2, 8, 8))
+    plan = random_plan(layout, heads=2, block_size=32, seed=0)
+    q, k, v = change(*qkv(layout, 2, 1))
+    with pytest.raises((ValueError, TypeError), match=match):
+        sparse_attention(q, k, v, plan, backend="torch")
+
+
+def test_batch_size_mismatch_and_unknown_backend():
+    layout = TokenLayout((2, 8, 8))
+    plan = random_plan(layout, heads=2, block_size=32, batch=2, seed=0)
+    q, k, v = qkv(layout, 2, 3)
+    with pytest.raises(ValueError, match="batch size 2"):
+        sparse_attention(q, k, v, plan)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        sparse_attention(q[:2], k[:2], v[:2], plan, backend="cuda-magic")

@@ -1,0 +1,28 @@
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_installs_subpackages_under_dit_sparse(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True, capture_output=True,
+    )
+    wheel = next(tmp_path.glob("dit_sparse-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for sub in ("kernels", "pipelines", "app", "eval"):
+        assert f"dit_sparse/{sub}/__init__.py" in names
+    assert "dit_sparse/kernels/block_sparse_attention_torch.py" in names
+    assert not any(n.split("/")[0] in {"kernels", "pipelines", "app", "eval", "tests"} for n in names)
+
+
+def test_subpackages_import_from_the_install():
+    import dit_sparse.app
+    import dit_sparse.eval
+    import dit_sparse.kernels
+    import dit_sparse.pipelines
+
+    assert Path(dit_sparse.kernels.__file__).parent.name == "kernels"
