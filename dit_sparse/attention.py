@@ -96,44 +96,51 @@ def _check_inputs(q, k, v, plan: BlockSparsePlan) -> tuple[int, int, int, int]:
     return batch, seq, heads, dim
 
 
-def _gather_index(plan: BlockSparsePlan, which: str, batch: int) -> torch.Tensor:
-    """Rows of ``x.reshape(B*S*H, D)`` that make up ``[B, H, S]`` in the plan's order."""
-
-    def build() -> torch.Tensor:
-        order = plan.order(which, batch)
-        seq, heads = plan.layout.seq_len, plan.num_heads
-        b = torch.arange(batch, device=order.device)[:, None, None]
-        h = torch.arange(heads, device=order.device)[None, :, None]
-        return ((b * seq + order) * heads + h).reshape(-1)
-
-    return plan.cached(("gather", which, batch), build)
+def head_major(x: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, S, H, D)`` to ``[B, H, S, D]``, gathering each head's tokens into ``order``
+    (``[S]``, ``[H, S]`` or ``[B, H, S]``; ``None`` keeps the original order)."""
+    if order is None:
+        return x.transpose(1, 2).contiguous()
+    batch, seq, heads, _ = x.shape
+    order = order.reshape((1,) * (3 - order.dim()) + tuple(order.shape)).expand(batch, heads, seq)
+    return _gather(x, _gather_index(order))
 
 
-def _scatter_index(plan: BlockSparsePlan, batch: int) -> torch.Tensor:
-    """Rows of the permuted output ``[B*H*S, D]`` that make up ``(B, S, H)`` in original order."""
+def _gather_index(order: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x.reshape(B*S*H, D)`` that make up ``[B, H, S]`` in ``order``."""
+    batch, heads, seq = order.shape
+    b = torch.arange(batch, device=order.device)[:, None, None]
+    h = torch.arange(heads, device=order.device)[None, :, None]
+    return ((b * seq + order) * heads + h).reshape(-1)
 
-    def build() -> torch.Tensor:
-        inv = plan.inverse_order("q", batch)
-        seq, heads = plan.layout.seq_len, plan.num_heads
-        b = torch.arange(batch, device=inv.device)[:, None, None]
-        h = torch.arange(heads, device=inv.device)[None, :, None]
-        return ((b * heads + h) * seq + inv).permute(0, 2, 1).reshape(-1)
 
-    return plan.cached(("scatter", batch), build)
+def _scatter_index(inverse: torch.Tensor) -> torch.Tensor:
+    """Rows of a permuted ``[B*H*S, D]`` output that make up ``(B, S, H)`` in original order."""
+    batch, heads, seq = inverse.shape
+    b = torch.arange(batch, device=inverse.device)[:, None, None]
+    h = torch.arange(heads, device=inverse.device)[None, :, None]
+    return ((b * heads + h) * seq + inverse).permute(0, 2, 1).reshape(-1)
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    batch, seq, heads, dim = x.shape
+    return x.reshape(-1, dim).index_select(0, index).view(batch, heads, seq, dim)
 
 
 def _to_plan_order(x: torch.Tensor, plan: BlockSparsePlan, which: str) -> torch.Tensor:
-    batch, seq, heads, dim = x.shape
+    batch = x.shape[0]
     if getattr(plan, f"{which}_order") is None:
-        return x.transpose(1, 2).contiguous()
-    return x.reshape(-1, dim).index_select(0, _gather_index(plan, which, batch)).view(batch, heads, seq, dim)
+        return head_major(x)
+    index = plan.cached(("gather", which, batch), lambda: _gather_index(plan.order(which, batch)))
+    return _gather(x, index)
 
 
 def _from_plan_order(out: torch.Tensor, plan: BlockSparsePlan) -> torch.Tensor:
     batch, heads, seq, dim = out.shape
     if plan.q_order is None:
         return out.transpose(1, 2)
-    return out.reshape(-1, dim).index_select(0, _scatter_index(plan, batch)).view(batch, seq, heads, dim)
+    index = plan.cached(("scatter", batch), lambda: _scatter_index(plan.inverse_order("q", batch)))
+    return out.reshape(-1, dim).index_select(0, index).view(batch, seq, heads, dim)
 
 
 def _torch_kernel(q, k, v, plan: BlockSparsePlan, valid, scale):

@@ -1,0 +1,49 @@
+"""Calibration: how much attention each query block gives each key block, measured once."""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import head_major, resolve_backend
+from .layout import TokenLayout
+
+
+def measure_block_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: TokenLayout,
+    block_size: int | tuple[int, int],
+    order: torch.Tensor | None = None,
+    kv_order: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Block-level softmax mass ``[B, H, nQ, nK]`` (fp32, rows sum to 1) of one attention call.
+
+    Args:
+        q, k: ``(B, S, H, D)`` as the attention call sees them (after norms and RoPE).
+        layout: the call's token layout (text padding is excluded from the keys).
+        block_size: tokens per block, or ``(query, key)`` block sizes.
+        order: token order (``[S]``, ``[H, S]`` or ``[B, H, S]``) whose blocks are measured;
+            ``kv_order`` for the keys, default ``order``.
+        backend: ``"auto"``: the Triton kernel on CUDA, the chunked PyTorch version elsewhere.
+
+    Never holds an ``S x S`` matrix.
+
+    Example::
+
+        >>> from dit_sparse import TokenLayout
+        >>> layout = TokenLayout((2, 8, 8))
+        >>> q, k = torch.randn(1, 128, 2, 16), torch.randn(1, 128, 2, 16)
+        >>> measure_block_mass(q, k, layout, 32, order=layout.tile_order((1, 4, 8))).shape
+        torch.Size([1, 2, 4, 4])
+    """
+    bq, bk = (block_size, block_size) if isinstance(block_size, int) else block_size
+    qp = head_major(q, order)
+    kp = head_major(k, order if kv_order is None else kv_order)
+    valid = layout.key_valid_len(q.shape[0])
+    valid = None if valid is None else valid.to(q.device)
+    if resolve_backend(backend, q.device) == "triton":
+        from dit_sparse.kernels.block_mass_triton import block_mass_triton as block_mass
+    else:
+        from dit_sparse.kernels.block_mass_torch import block_mass_torch as block_mass
+    return block_mass(qp, kp, bq, bk, kv_valid_len=valid)

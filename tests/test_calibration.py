@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from dit_sparse import SparseAttentionConfig, TokenLayout
+from dit_sparse.budget import Budget, keep_heaviest
+from dit_sparse.calibration import measure_block_mass
+from dit_sparse.kernels.block_mass_torch import block_mass_torch
+from dit_sparse.planner import build_plan
+
+
+def dense_block_mass(q, k, bq, bk, valid=None):
+    """[B, H, S, D] -> block mass from the full softmax matrix (small sizes only)."""
+    s = q.shape[2]
+    scores = (q.double() @ k.double().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if valid is not None:
+        scores = scores.masked_fill(torch.arange(s)[None, None, None, :] >= valid[:, None, None, None], float("-inf"))
+    p = scores.softmax(-1)
+    nq, nk = -(-s // bq), -(-s // bk)
+    out = torch.zeros(*q.shape[:2], nq, nk, dtype=torch.float64)
+    for i in range(nq):
+        for j in range(nk):
+            out[:, :, i, j] = p[:, :, i * bq : (i + 1) * bq, j * bk : (j + 1) * bk].sum(-1).mean(-1)
+    return out
+
+
+@pytest.mark.parametrize("seq,bq,bk", [(150, 32, 16), (128, 64, 64), (97, 16, 32)])
+def test_block_mass_matches_dense_softmax(seq, bq, bk):
+    q, k = torch.randn(2, 3, seq, 16), torch.randn(2, 3, seq, 16)
+    valid = torch.tensor([seq, seq - 20])
+    mass = block_mass_torch(q, k, bq, bk, kv_valid_len=valid)
+    ref = dense_block_mass(q, k, bq, bk, valid)
+    assert (mass.double() - ref).abs().max() < 1e-6
+    assert torch.allclose(mass.sum(-1), torch.ones(()), atol=1e-5)
+    lse = torch.logsumexp(
+        (q @ k.transpose(-1, -2) * 0.25).masked_fill(torch.arange(seq) >= valid[:, None, None, None], float("-inf")), -1
+    )
+    assert (block_mass_torch(q, k, bq, bk, lse=lse, kv_valid_len=valid).double() - ref).abs().max() < 1e-6
+
+
+def test_measure_block_mass_uses_the_order_and_padding():
+    layout = TokenLayout((2, 6, 8), text_len=9, text_first=True, valid_text_len=(4,))
+    q, k = torch.randn(1, layout.seq_len, 2, 16), torch.randn(1, layout.seq_len, 2, 16)
+    order = layout.tile_order((1, 3, 4))
+    mass = measure_block_mass(q, k, layout, 16, order=order)
+    qp, kp = (x[:, order].transpose(1, 2) for x in (q, k))
+    ref = dense_block_mass(qp, kp, 16, 16, valid=torch.tensor([layout.video_len + 4]))
+    assert (mass.double() - ref).abs().max() < 1e-6
+
+
+def test_keep_heaviest_count_and_top_p():
+    mass = torch.tensor([[0.5, 0.1, 0.3, 0.1], [0.05, 0.05, 0.1, 0.8]])
+    by_count = keep_heaviest(mass, Budget(density=0.5), num_keys=400, block_size=100)
+    assert by_count.tolist() == [[True, False, True, False], [False, False, True, True]]
+    by_mass = keep_heaviest(mass, Budget(top_p=0.85), num_keys=400, block_size=100)
+    assert by_mass.tolist() == [[True, True, True, False], [False, False, True, True]]
+    always = torch.tensor([False, True, False, False])
+    with_text = keep_heaviest(mass, Budget(density=0.25), num_keys=400, block_size=100, always=always)
+    assert with_text.tolist() == [[True, True, False, False], [False, True, False, True]]
+
+
+@pytest.mark.parametrize("n,expected", [(1024, 2), (32768, 12), (16, 1)])
+def test_n_power_c_budget(n, expected):
+    assert Budget(alpha=4.0, exponent=0.5).blocks_per_row(n, 10_000, 64) == expected
+
+
+def test_adaptive_plan_recall_matches_token_level_mass():
+    layout = TokenLayout((3, 8, 8), text_len=7)
+    q, k = torch.randn(2, layout.seq_len, 2, 16), torch.randn(2, layout.seq_len, 2, 16)
+    config = SparseAttentionConfig(pattern="adaptive", density=0.3, block_size=32)
+    plan, report = build_plan(q, k, layout, config)
+    assert plan.batch_size == 2 and plan.num_heads == 2
+    token_mask = plan.to_token_mask()
+    p = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2) * 0.25).softmax(-1)
+    expected = (p * token_mask).sum(-1).mean(-1)
+    assert torch.allclose(report.recall.float(), expected, atol=1e-5)
+    assert torch.allclose(report.density, plan.density(per_head=True))
+    assert report.family == [["adaptive", "adaptive"]] * 2
+    shared, _ = build_plan(q, k, layout, config, share_batch=True)
+    assert shared.batch_size == 1
