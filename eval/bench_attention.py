@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from dit_sparse import BlockSparsePlan, TokenLayout, sparse_attention
+from dit_sparse.eval.machine import describe_machine, machine_info
 
 
 def band_block_mask(num_blocks: int, heads: int, density: float) -> torch.Tensor:
@@ -62,15 +62,6 @@ def median_time(fn: Callable[[], object], warmup: int, repeats: int, device: tor
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def describe_machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return (
-        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}"
-    )
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -129,11 +120,11 @@ def main(argv: list[str] | None = None) -> None:
         print("No GPU: timing the CPU path (PyTorch backend against dense SDPA).")
     rows = run(args)
     print(f"grid {tuple(args.grid)} = {TokenLayout(tuple(args.grid)).seq_len} tokens, {args.heads} heads, "
-          f"head dim {args.head_dim}, blocks of {args.block_size}, {args.mask} mask; {describe_machine(device)}")
+          f"head dim {args.head_dim}, blocks of {args.block_size}, {args.mask} mask; {describe_machine(machine_info(device))}")
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": describe_machine(device), "args": vars(args), "rows": rows}, f, indent=2)
+            json.dump({"machine": machine_info(device), "args": vars(args), "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
