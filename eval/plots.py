@@ -1,0 +1,84 @@
+"""The evaluation's plots as matplotlib figures (no pyplot state, Agg-rendered): speedup against PSNR
+per configuration, density per layer and step, and per-head block masks of one layer.
+
+Every function returns a :class:`matplotlib.figure.Figure` (a Gradio ``gr.Plot`` shows one as is);
+:func:`save_figure` writes a PNG.
+
+Example::
+
+    >>> import numpy as np
+    >>> fig = density_figure(np.array([[1.0, 1.0], [1.0, 0.2]]), "radial, density 0.2")
+    >>> save_figure(fig, Path("/tmp/density.png"))                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+PNG_DPI = 120
+
+
+def speedup_vs_psnr_figure(points: list[tuple[str, float, float]]) -> Figure:
+    """One point per configuration: ``(label, PSNR frame-mean in dB, end-to-end speedup)``. An
+    ``inf`` PSNR (output identical to dense) sits at the right edge, marked as such."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    finite = [psnr for _, psnr, _ in points if math.isfinite(psnr)]
+    edge = (max(finite) + 5.0) if finite else 60.0
+    for label, psnr, speedup in points:
+        x = psnr if math.isfinite(psnr) else edge
+        ax.scatter([x], [speedup], marker="o" if math.isfinite(psnr) else ">", s=50)
+        ax.annotate(label if math.isfinite(psnr) else f"{label} (identical to dense)", (x, speedup),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.margins(x=0.3, y=0.15)
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("PSNR against dense, per-frame mean (dB)")
+    ax.set_ylabel("end-to-end speedup over dense (x)")
+    ax.set_title("Speed against fidelity")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def density_figure(density: np.ndarray, title: str) -> Figure:
+    """Heat map of ``density[step, layer]`` (1 = dense)."""
+    steps, layers = density.shape
+    fig = Figure(figsize=(max(5.0, 0.35 * steps + 2), max(3.0, 0.3 * layers + 1.5)), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(density.T, origin="lower", aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis",
+                      extent=(-0.5, steps - 0.5, -0.5, layers - 0.5))
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel("self-attention layer")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_title(f"Attention density per layer and step: {title}")
+    fig.colorbar(image, ax=ax, label="density (1 = dense)")
+    return fig
+
+
+def mask_figure(masks: np.ndarray, title: str) -> Figure:
+    """Per-head block masks ``[H, nQ, nK]`` (query blocks down, key blocks across, in the plan's
+    token order); kept blocks are bright."""
+    heads = masks.shape[0]
+    cols = min(heads, 4)
+    rows = math.ceil(heads / cols)
+    fig = Figure(figsize=(3.2 * cols, 3.4 * rows), layout="constrained")
+    for head in range(heads):
+        ax = fig.add_subplot(rows, cols, head + 1)
+        ax.imshow(masks[head], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"head {head}: {masks[head].mean():.1%} of blocks", fontsize=9)
+        ax.set_xlabel("key block", fontsize=8)
+        ax.set_ylabel("query block", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title)
+    return fig
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=PNG_DPI)
+    return path
