@@ -1,0 +1,132 @@
+"""The model an evaluation runs: the offline default or any diffusers pipeline, and how to call it.
+
+Example::
+
+    >>> model = load_model(None, torch.device("cpu"), torch.float32)          # doctest: +SKIP
+    >>> settings = GenerationSettings(steps=4, frames=9, height=32, width=32)
+    >>> kwargs = model.call_kwargs("a red fox", settings)                     # doctest: +SKIP
+    >>> video = output_frames(model.pipe(**kwargs))                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .offline_model import OFFLINE_MODEL_NAME, OfflineWanSpec, build_offline_pipeline, offline_prompt_embeds
+
+
+@dataclass
+class GenerationSettings:
+    """What every generation of a run shares. ``None`` leaves a value to the pipeline's default."""
+
+    steps: int | None = None
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    guidance_scale: float | None = None
+    seed: int = 0
+
+
+@dataclass
+class EvalModel:
+    """A loaded pipeline and what the evaluation needs to know about it.
+
+    Attributes:
+        pipe: the diffusers pipeline.
+        name: the model id, directory, or the offline model's name.
+        random_weights: whether its weights are random (the offline default).
+        offline_spec: the offline model's sizes (``None`` for a loaded model).
+        defaults: generation settings the model brings (the offline model's sizes; for a loaded
+            pipeline the step count of its ``__call__``).
+    """
+
+    pipe: Any
+    name: str
+    random_weights: bool
+    offline_spec: OfflineWanSpec | None = None
+    defaults: GenerationSettings = field(default_factory=GenerationSettings)
+
+    @property
+    def makes_video(self) -> bool:
+        return "num_frames" in self._call_parameters
+
+    @property
+    def _call_parameters(self) -> dict[str, inspect.Parameter]:
+        return dict(inspect.signature(self.pipe.__call__).parameters)
+
+    def resolve(self, settings: GenerationSettings) -> GenerationSettings:
+        """``settings`` with the model's defaults filled in where ``settings`` leaves ``None``."""
+        filled = {name: getattr(self.defaults, name) for name in ("steps", "frames", "height", "width", "guidance_scale")
+                  if getattr(settings, name) is None}
+        return replace(settings, **filled)
+
+    def call_kwargs(self, prompt: str, settings: GenerationSettings) -> dict[str, Any]:
+        """Keyword arguments of one pipeline call: raw ``np`` frames, seeded noise."""
+        settings = self.resolve(settings)
+        if settings.frames is not None and not self.makes_video:
+            raise ValueError(f"{self.name} makes images; --frames applies to video pipelines only")
+        kwargs: dict[str, Any] = {
+            "output_type": "np",
+            "generator": torch.Generator().manual_seed(settings.seed),
+            **self._prompt_inputs(prompt, settings),
+        }
+        optional = {"num_inference_steps": settings.steps, "num_frames": settings.frames, "height": settings.height,
+                    "width": settings.width, "guidance_scale": settings.guidance_scale}
+        kwargs.update({name: value for name, value in optional.items() if value is not None})
+        return kwargs
+
+    def _prompt_inputs(self, prompt: str, settings: GenerationSettings) -> dict[str, Any]:
+        if self.offline_spec is None:
+            return {"prompt": prompt}
+        device, dtype = self.pipe.transformer.device, self.pipe.transformer.dtype
+        embed = lambda text: offline_prompt_embeds(text, self.offline_spec, settings.seed).to(device, dtype)  # noqa: E731
+        inputs = {"prompt_embeds": embed(prompt)}
+        if settings.guidance_scale is not None and settings.guidance_scale > 1.0:
+            inputs["negative_prompt_embeds"] = embed("")
+        return inputs
+
+
+def load_model(model: str | None, device: torch.device, dtype: torch.dtype) -> EvalModel:
+    """The offline default (``model=None``) or a diffusers pipeline by model id or local directory,
+    on ``device`` in ``dtype``."""
+    if model is None:
+        spec = OfflineWanSpec()
+        pipe = build_offline_pipeline(spec).to(device=device, dtype=dtype)
+        defaults = GenerationSettings(spec.steps, spec.frames, spec.height, spec.width, spec.guidance_scale)
+        return EvalModel(pipe, OFFLINE_MODEL_NAME, random_weights=True, offline_spec=spec, defaults=defaults)
+
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    except (OSError, ValueError) as error:
+        where = "a local directory" if Path(model).exists() else "a model id"
+        raise ValueError(
+            f"could not load {model!r} ({where}) with DiffusionPipeline.from_pretrained: {error}. Give a diffusers "
+            f"model id (downloaded or cached) or a directory written by save_pretrained, or leave --model out "
+            f"for the offline default"
+        ) from error
+    pipe = pipe.to(device)
+    steps = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
+    defaults = GenerationSettings(steps=None if steps is None else steps.default)
+    return EvalModel(pipe, model, random_weights=False, defaults=defaults)
+
+
+def output_frames(output: Any) -> np.ndarray:
+    """The first video of a pipeline output as ``(F, H, W, C)`` float32 in ``[0, 1]`` (an image
+    pipeline's output is one frame)."""
+    if hasattr(output, "frames"):
+        video = np.asarray(output.frames[0], dtype=np.float32)
+    elif hasattr(output, "images"):
+        video = np.asarray(output.images[0], dtype=np.float32)[None]
+    else:
+        raise TypeError(f"cannot find frames in a {type(output).__name__}; expected .frames (video) or .images")
+    if video.ndim != 4:
+        raise ValueError(f"expected (frames, height, width, channels) from output_type='np', got shape {video.shape}")
+    return video
