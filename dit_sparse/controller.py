@@ -173,8 +173,10 @@ class SparseAttentionController:
             return out
         if entry is None or not (entry.loaded or entry.generation == self._generation):
             entry = self._calibrate(plan_key, call, query, key)
+        if entry.plan.device != query.device:
+            self.plans.to(query.device)
         call.record.add_sparse(entry.density)
-        return sparse_attention(query, key, value, entry.plan_for(call.layout, query.device), backend=self.config.backend)
+        return sparse_attention(query, key, value, entry.plan_for(call.layout), backend=self.config.backend)
 
     # ----------------------------------------------------------------- plans
 

@@ -58,13 +58,12 @@ class CachedPlan:
     def loaded(self) -> bool:
         return self.generation is None
 
-    def plan_for(self, layout: TokenLayout, device: torch.device) -> BlockSparsePlan:
-        """The plan on ``device`` for ``layout`` (same geometry, possibly other text padding); the
-        result is kept, so a steady run reuses one plan object and its gather indices."""
+    def plan_for(self, layout: TokenLayout) -> BlockSparsePlan:
+        """The plan for ``layout`` (same geometry, possibly other text padding); the result is kept,
+        so a steady run reuses one plan object and its gather indices."""
         ready = self._ready
-        if ready is None or ready.layout != layout or ready.device != device:
-            ready = self.plan.with_layout(layout).to(device)
-            self._ready = ready
+        if ready is None or ready.layout != layout:
+            ready = self._ready = self.plan.with_layout(layout)
         return ready
 
 
@@ -107,6 +106,14 @@ class PlanCache:
     def clear(self) -> None:
         self._entries.clear()
 
+    def to(self, device: torch.device | str) -> None:
+        """Move every plan to ``device`` (loaded plans start on the CPU), keeping shared plans shared."""
+        moved: dict[int, BlockSparsePlan] = {}
+        for entry in self._entries.values():
+            if id(entry.plan) not in moved:
+                moved[id(entry.plan)] = entry.plan.to(device)
+            entry.plan, entry._ready = moved[id(entry.plan)], None
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -129,6 +136,7 @@ class PlanCache:
         if not self._entries:
             raise ValueError("there are no plans to save: run the pipeline once (past the calibration step) first")
         tensors: dict[str, torch.Tensor] = {}
+        names: dict[tuple, str] = {}
         plans: list[dict[str, Any]] = []
         index: dict[int, int] = {}
         entries = []
@@ -136,7 +144,7 @@ class PlanCache:
             plan = entry.plan
             if id(plan) not in index:
                 index[id(plan)] = len(plans)
-                plans.append(_plan_record(plan, len(plans), tensors))
+                plans.append(_plan_record(plan, tensors, names))
             entries.append({
                 "transformer": key.transformer,
                 "layer": key.layer,
@@ -159,7 +167,8 @@ class PlanCache:
                 raise ValueError(f"{path} is not a dit-sparse plan file (no 'dit_sparse' metadata)")
             _check_same(f"{path} holds plans for another model", header["model"], model)
             _check_same(f"{path} holds plans made with another config", header["config"], config)
-            plans = [_plan_tensors(f, number, record) for number, record in enumerate(header["plans"])]
+            stored = {name: f.get_tensor(name) for name in f.keys()}
+        plans = [{role: stored[name] for role, name in record["tensors"].items()} for record in header["plans"]]
         built: dict[int, BlockSparsePlan] = {}
         for item in header["entries"]:
             layout = TokenLayout(tuple(item["layout"]["grid"]), item["layout"]["text_len"], item["layout"]["text_first"])
@@ -172,24 +181,17 @@ class PlanCache:
         return len(header["entries"])
 
 
-def _plan_record(plan: BlockSparsePlan, number: int, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    shared_order = plan.q_order is not None and plan.kv_order is plan.q_order
-    for name, tensor in plan.tensors().items():
-        if not (shared_order and name == "kv_order"):
-            tensors[f"{number}.{name}"] = tensor.detach().cpu().contiguous()
-    return {"block_size": [plan.block_size_q, plan.block_size_k], "shared_order": shared_order}
-
-
-def _plan_tensors(f, number: int, record: dict[str, Any]) -> dict[str, torch.Tensor]:
-    stored = set(f.keys())
-    tensors = {
-        name: f.get_tensor(f"{number}.{name}")
-        for name in ("kv_counts", "kv_indices", "q_order", "kv_order")
-        if f"{number}.{name}" in stored
-    }
-    if record["shared_order"]:
-        tensors["kv_order"] = tensors["q_order"]
-    return tensors
+def _plan_record(plan: BlockSparsePlan, tensors: dict[str, torch.Tensor], names: dict[tuple, str]) -> dict[str, Any]:
+    """Add ``plan``'s tensors to ``tensors`` (one copy of each distinct tensor, e.g. one order shared
+    by queries and keys) and describe the plan by the names of its tensors."""
+    roles = {}
+    for role, tensor in plan.tensors().items():
+        identity = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if identity not in names:
+            names[identity] = f"t{len(names)}"
+            tensors[names[identity]] = tensor.detach().to("cpu", copy=True).contiguous()
+        roles[role] = names[identity]
+    return {"block_size": [plan.block_size_q, plan.block_size_k], "tensors": roles}
 
 
 def _fingerprint(plan: BlockSparsePlan) -> tuple:
