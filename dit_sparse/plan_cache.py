@@ -171,7 +171,8 @@ class PlanCache:
         plans = [{role: stored[name] for role, name in record["tensors"].items()} for record in header["plans"]]
         built: dict[int, BlockSparsePlan] = {}
         for item in header["entries"]:
-            layout = TokenLayout(tuple(item["layout"]["grid"]), item["layout"]["text_len"], item["layout"]["text_first"])
+            saved = item["layout"]
+            layout = TokenLayout(tuple(saved["grid"]), saved["text_len"], saved["text_first"])
             number = item["plan"]
             if number not in built:
                 block_size = tuple(header["plans"][number]["block_size"])
@@ -205,7 +206,9 @@ def _fingerprint(plan: BlockSparsePlan) -> tuple:
 
 def _equal_plans(a: BlockSparsePlan, b: BlockSparsePlan) -> bool:
     def same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
-        return (x is None and y is None) or (x is not None and y is not None and x.shape == y.shape and bool(torch.equal(x, y.to(x.device))))
+        if x is None or y is None:
+            return x is None and y is None
+        return x.shape == y.shape and bool(torch.equal(x, y.to(x.device)))
 
     return all(same(getattr(a, name), getattr(b, name)) for name in ("kv_counts", "kv_indices", "q_order", "kv_order"))
 

@@ -45,13 +45,13 @@ class ModelAdapter:
             for i, block in enumerate(getattr(transformer, blocks))
         ]
 
-    def check_processors(self, modules: list[tuple[str, torch.nn.Module]]) -> None:
-        """Refuse modules whose processor is not one this adapter reproduces."""
+    def check_processors(self, processors: list[tuple[str, Any]]) -> None:
+        """Refuse ``(module name, processor)`` pairs whose processor is not one this adapter reproduces."""
         expected = " or ".join(cls.__name__ for cls in self.stock_processors)
-        for name, module in modules:
-            if type(module.processor) not in self.stock_processors:
+        for name, processor in processors:
+            if type(processor) not in self.stock_processors:
                 raise ValueError(
-                    f"{name} runs {type(module.processor).__name__}, but dit-sparse reproduces only the stock "
+                    f"{name} runs {type(processor).__name__}, but dit-sparse reproduces only the stock "
                     f"{expected} of {self.transformer_class.__name__}; restore the stock processors (e.g. unload "
                     "the IP-adapter or custom processor) before applying sparse attention"
                 )

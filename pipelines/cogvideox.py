@@ -40,7 +40,7 @@ class CogVideoXSparseAttnProcessor(SparseAttnProcessor):
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
 
-        if self.stock_class is FusedCogVideoXAttnProcessor2_0:
+        if isinstance(self.stock, FusedCogVideoXAttnProcessor2_0):
             qkv = attn.to_qkv(hidden_states)
             query, key, value = torch.split(qkv, qkv.shape[-1] // 3, dim=-1)
         else:
@@ -61,10 +61,13 @@ class CogVideoXSparseAttnProcessor(SparseAttnProcessor):
                 key[:, :, text_seq_length:] = apply_rotary_emb(key[:, :, text_seq_length:], image_rotary_emb)
 
         def dense() -> torch.Tensor:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            )
             return out.transpose(1, 2)
 
-        hidden_states = self.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), dense, attention_mask)
+        query_bshd, key_bshd, value_bshd = (x.transpose(1, 2) for x in (query, key, value))
+        hidden_states = self.attend(query_bshd, key_bshd, value_bshd, dense, attention_mask)
         hidden_states = hidden_states.reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)

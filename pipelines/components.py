@@ -27,7 +27,8 @@ def denoisers(pipe_or_transformer: Any) -> list[tuple[str, torch.nn.Module]]:
     found = [(name, components[name]) for name in TRANSFORMER_COMPONENTS if components.get(name) is not None]
     if not found:
         raise ValueError(
-            f"{type(pipe_or_transformer).__name__} has no transformer component ({' or '.join(TRANSFORMER_COMPONENTS)}); "
+            f"{type(pipe_or_transformer).__name__} has no transformer component "
+            f"({' or '.join(TRANSFORMER_COMPONENTS)}); "
             f"dit-sparse wraps diffusion transformers ({', '.join(supported_transformers())}): pass a pipeline "
             "built on one of them, or the transformer itself"
         )

@@ -38,14 +38,12 @@ class SparseAttentionHook(ModelHook):
         adapter: ModelAdapter,
         name: str,
         modules: list[tuple[str, torch.nn.Module]],
-        stock_processors: dict[str, Any],
     ) -> None:
         super().__init__()
         self.controller = controller
         self.adapter = adapter
         self.name = name
         self.modules = modules
-        self.stock_processors = stock_processors
         self.state_manager = StateManager(BaseState)
         self._arguments: ForwardArguments | None = None
         self._checked_generation = -1
@@ -123,13 +121,14 @@ def apply_sparse_attention(pipe_or_transformer: Any, config: SparseAttentionConf
     """
     if not isinstance(config, SparseAttentionConfig):
         raise TypeError(f"config must be a SparseAttentionConfig, got {type(config).__name__}")
-    transformers = [(name, transformer, adapter_for(transformer)) for name, transformer in denoisers(pipe_or_transformer)]
+    transformers = denoisers(pipe_or_transformer)
+    adapters = [adapter_for(transformer) for _, transformer in transformers]  # all supported before any change
     remove_sparse_attention(pipe_or_transformer)
     installs = []
-    for name, transformer, adapter in transformers:
+    for (name, transformer), adapter in zip(transformers, adapters):
         modules = adapter.self_attention_modules(transformer)
         check_not_context_parallel(name, transformer, modules)
-        adapter.check_processors(modules)
+        adapter.check_processors([(qualified, module.processor) for qualified, module in modules])
         installs.append((name, transformer, adapter, modules))
     model = {
         name: {"class": type(transformer).__name__, "self_attention_layers": len(modules), "heads": modules[0][1].heads}
@@ -138,27 +137,28 @@ def apply_sparse_attention(pipe_or_transformer: Any, config: SparseAttentionConf
     total_steps = None if isinstance(pipe_or_transformer, torch.nn.Module) else total_steps_of(pipe_or_transformer)
     controller = SparseAttentionController(config, model=model, total_steps=total_steps)
     for name, transformer, adapter, modules in installs:
-        stock = {qualified: module.processor for qualified, module in modules}
-        for layer, (qualified, module) in enumerate(modules):
-            module.set_processor(adapter.processor(controller, name, layer, stock[qualified]))
-        hook = SparseAttentionHook(controller, adapter, name, modules, stock)
+        for layer, (_, module) in enumerate(modules):
+            module.set_processor(adapter.processor(controller, name, layer, module.processor))
+        hook = SparseAttentionHook(controller, adapter, name, modules)
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, _SPARSE_ATTENTION_HOOK)
     return controller
 
 
 def remove_sparse_attention(pipe_or_transformer: Any) -> None:
-    """Undo :func:`apply_sparse_attention`: the stock processors come back (bit-exact output) and the
-    hooks are removed. Does nothing where dit-sparse is not applied.
+    """Undo :func:`apply_sparse_attention`: every sparse processor gives way to the stock processor
+    it replaced (bit-exact output again) and the hooks are removed. Sparse processors that diffusers
+    put back on its own (``unfuse_qkv_projections()`` restores the processors it saw when fusing)
+    are unwrapped too. Does nothing where dit-sparse is not applied.
 
     Example::
 
         >>> remove_sparse_attention(pipe)
     """
     for _, transformer in denoisers(pipe_or_transformer):
+        for module in transformer.modules():
+            processor = getattr(module, "processor", None)
+            if isinstance(processor, SparseAttnProcessor):
+                module.set_processor(processor.stock)
         registry = getattr(transformer, "_diffusers_hook", None)
-        hook = None if registry is None else registry.get_hook(_SPARSE_ATTENTION_HOOK)
-        if hook is None:
-            continue
-        for qualified, module in hook.modules:
-            module.set_processor(hook.stock_processors[qualified])
-        registry.remove_hook(_SPARSE_ATTENTION_HOOK, recurse=False)
+        if registry is not None and registry.get_hook(_SPARSE_ATTENTION_HOOK) is not None:
+            registry.remove_hook(_SPARSE_ATTENTION_HOOK, recurse=False)

@@ -22,7 +22,8 @@ class SparseAttnProcessor:
         controller: the controller shared by the pipeline's transformers.
         transformer: the transformer's component name (``"transformer"``, ``"transformer_2"``).
         layer: the module's index among the transformer's self-attention modules.
-        stock: the processor it replaces (its attention backend is kept).
+        stock: the processor it replaces (its attention backend is kept); it comes back on
+            ``remove_sparse_attention``.
     """
 
     _attention_backend = None
@@ -32,7 +33,7 @@ class SparseAttnProcessor:
         self.controller = controller
         self.transformer = transformer
         self.layer = layer
-        self.stock_class = type(stock)
+        self.stock = stock
         backend = getattr(stock, "_attention_backend", None)
         if backend is not None:
             self._attention_backend = backend

@@ -97,7 +97,8 @@ def test_loaded_plans_skip_calibration_and_pin_the_layout(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(outputs, reference))
 
     other = TokenLayout((3, 4, 8), text_len=6, text_first=True)
-    with pytest.raises(ValueError, match=r"loaded plans are for layouts grid \(2, 4, 8\) \+ 6.*this call has grid \(3, 4, 8\).*clear_plans"):
+    refused = r"loaded plans are for layouts grid \(2, 4, 8\) \+ 6.*this call has grid \(3, 4, 8\).*clear_plans"
+    with pytest.raises(ValueError, match=refused):
         second.begin_call("transformer", "cond", other, timestep=900.0)
     second.finish_generation()
     second.clear_plans()

@@ -26,7 +26,8 @@ def test_identical_plans_are_shared_not_copied():
     cache = PlanCache()
     first = cache.put(PlanKey("transformer", 0, "cond", layout.geometry), static_plan(layout), None, 1, 3)
     second = cache.put(PlanKey("transformer", 1, "cond", layout.geometry), static_plan(layout), None, 1, 3)
-    other = cache.put(PlanKey("transformer", 2, "cond", layout.geometry), random_plan(layout, 2, 16, seed=4), None, 1, 3)
+    other_plan = random_plan(layout, 2, 16, seed=4)
+    other = cache.put(PlanKey("transformer", 2, "cond", layout.geometry), other_plan, None, 1, 3)
     assert second.plan is first.plan and other.plan is not first.plan
     assert len(cache) == 3 and cache.unique_plans() == 2
 
