@@ -9,6 +9,9 @@ from .attention import BACKENDS
 
 PATTERNS = ("auto", "radial", "spatiotemporal", "semantic", "adaptive", "dense")
 DEFAULT_DENSITY = 0.15
+# The fields a plan depends on: plans saved under one config serve another that agrees on these.
+PLAN_FIELDS = ("pattern", "density", "top_p", "alpha", "exponent", "block_size", "tile_shape", "min_recall",
+               "per_context_plans", "seed")
 
 
 @dataclass
@@ -120,6 +123,11 @@ class SparseAttentionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def plan_signature(self) -> dict[str, Any]:
+        """The fields plans depend on (JSON-ready); the time fields (dense steps, layers) and the
+        backend are left out."""
+        return {k: v for k, v in self.to_dict().items() if k in PLAN_FIELDS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SparseAttentionConfig:
