@@ -1,0 +1,199 @@
+"""Generation and timing: the same prompts and seeds, dense and under each sparse configuration.
+
+For every variant (dense first, then each config through :class:`dit_sparse.SparsePipeline`) and
+every prompt, the runner times ``repeats`` whole pipeline calls (``time.perf_counter`` around the
+call, the device synchronised on both sides: text encoding, every denoising step, VAE decoding and
+the conversion to numpy frames), after ``warmup`` untimed calls per variant. A warm-up call is the
+same call cut to the first sparse step (the config's dense steps + 1), which is enough to pay every
+one-time cost (lazy initialisation, allocator growth, kernel selection) of the dense, calibration and
+sparse paths. Attention time comes from :class:`~dit_sparse.eval.attention_timer.AttentionTimer`.
+
+Example::
+
+    >>> run = run_evaluation(model, [SparseAttentionConfig()], ["a red fox"], GenerationSettings(steps=8),
+    ...                      warmup=1, repeats=2)                                        # doctest: +SKIP
+    >>> run.sparse[0].generations[0].median_wall_seconds                                # doctest: +SKIP
+    4.1
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dit_sparse import SparseAttentionConfig, SparsePipeline
+
+from .attention_timer import AttentionTimer
+from .configs import config_label, config_slug
+from .models import EvalModel, GenerationSettings, output_frames
+
+DENSE = "dense"
+
+
+@dataclass
+class Generation:
+    """One variant on one prompt.
+
+    Attributes:
+        frames: ``(F, H, W, C)`` frames of the last timed call.
+        wall_seconds: wall time of each timed call.
+        attention_seconds: per timed call, seconds in self- and cross-attention modules.
+        stats: the sparse run statistics of the last timed call (``SparseRunStats.to_dict()``);
+            ``None`` for dense.
+    """
+
+    frames: np.ndarray
+    wall_seconds: list[float]
+    attention_seconds: list[dict[str, float]]
+    stats: dict[str, Any] | None = None
+
+    @property
+    def median_wall_seconds(self) -> float:
+        return statistics.median(self.wall_seconds)
+
+    def median_attention_seconds(self, kind: str) -> float:
+        return statistics.median(s[kind] for s in self.attention_seconds)
+
+
+@dataclass
+class VariantRun:
+    """Dense, or one sparse configuration, over every prompt.
+
+    Attributes:
+        name: ``"dense"`` or a file-name-safe config name.
+        label: a readable name.
+        config: the sparse configuration (``None`` for dense).
+        generations: one per prompt, in prompt order.
+        block_masks: per ``(transformer, context)``, the ``[H, nQ, nK]`` block mask of the chosen
+            layer's plan after the last call (empty for dense).
+    """
+
+    name: str
+    label: str
+    config: SparseAttentionConfig | None
+    generations: list[Generation]
+    block_masks: dict[tuple[str, str], np.ndarray]
+
+
+@dataclass
+class EvalRun:
+    """Everything generated and timed in one evaluation.
+
+    Attributes:
+        settings: the generation settings with the model's defaults filled in.
+        mask_layer: the self-attention layer whose block masks were kept.
+        self_attention_flops: dense FLOPs of one call of each self-attention layer, by
+            ``(transformer, layer)``.
+    """
+
+    model: EvalModel
+    settings: GenerationSettings
+    prompts: list[str]
+    warmup: int
+    repeats: int
+    mask_layer: int
+    dense: VariantRun
+    sparse: list[VariantRun]
+    self_attention_flops: dict[tuple[str, int], int]
+
+
+def run_evaluation(
+    model: EvalModel,
+    configs: list[SparseAttentionConfig],
+    prompts: list[str],
+    settings: GenerationSettings,
+    warmup: int = 1,
+    repeats: int = 1,
+    plans_dir: Path | None = None,
+    mask_layer: int | None = None,
+) -> EvalRun:
+    """Generate every prompt dense and under each config; save each config's plans (if it made
+    any: ``pattern="dense"`` makes none) to ``plans_dir/<config name>.safetensors`` when given. Keeps the block masks of self-attention
+    layer ``mask_layer`` (default: the middle one) for pictures."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    if not prompts:
+        raise ValueError("no prompts to generate")
+    settings = model.resolve(settings)
+    timer = AttentionTimer(model.pipe)
+    layers = sorted({layer for _, layer in timer.self_attention_layers.values()})
+    mask_layer = layers[len(layers) // 2] if mask_layer is None else mask_layer
+    if mask_layer not in layers:
+        raise ValueError(f"--mask-layer {mask_layer} does not exist: the model has self-attention layers 0..{layers[-1]}")
+    model.pipe.set_progress_bar_config(leave=False, position=1)
+    total = (1 + len(configs)) * (warmup + repeats * len(prompts))
+    with tqdm(total=total, desc="generations", position=0) as bar, timer:
+        dense = _run_variant(DENSE, DENSE, None, model.pipe, model, prompts, settings, warmup, repeats, timer, bar,
+                             mask_layer)
+        sparse = []
+        for index, config in enumerate(configs):
+            pipeline = SparsePipeline(model.pipe, config)
+            try:
+                name = config_slug(index, config)
+                sparse.append(_run_variant(name, config_label(config), config, pipeline, model, prompts, settings,
+                                           warmup, repeats, timer, bar, mask_layer))
+                if plans_dir is not None and len(pipeline.controller.plans):
+                    plans_dir.mkdir(parents=True, exist_ok=True)
+                    pipeline.save_plans(plans_dir / f"{name}.safetensors")
+            finally:
+                pipeline.remove()
+    return EvalRun(model, settings, prompts, warmup, repeats, mask_layer, dense, sparse, timer.self_attention_flops())
+
+
+def _run_variant(
+    name: str,
+    label: str,
+    config: SparseAttentionConfig | None,
+    call: Callable[..., Any],
+    model: EvalModel,
+    prompts: list[str],
+    settings: GenerationSettings,
+    warmup: int,
+    repeats: int,
+    timer: AttentionTimer,
+    bar: tqdm,
+    mask_layer: int,
+) -> VariantRun:
+    device = model.pipe.transformer.device
+    warmup_steps = 1 if config is None else config.num_dense_steps(settings.steps) + 1
+    warmup_settings = replace(settings, steps=min(settings.steps, warmup_steps))
+    for _ in range(warmup):
+        bar.set_postfix_str(f"{name}: warm-up")
+        call(**model.call_kwargs(prompts[0], warmup_settings))
+        bar.update()
+    generations = []
+    for index, prompt in enumerate(prompts):
+        walls, attention, output = [], [], None
+        for repeat in range(repeats):
+            bar.set_postfix_str(f"{name}: prompt {index + 1}/{len(prompts)}, run {repeat + 1}/{repeats}")
+            kwargs = model.call_kwargs(prompt, settings)
+            timer.reset()
+            _synchronize(device)
+            start = time.perf_counter()
+            output = call(**kwargs)
+            _synchronize(device)
+            walls.append(time.perf_counter() - start)
+            attention.append(timer.seconds())
+            bar.update()
+        stats = call.last_stats.to_dict() if isinstance(call, SparsePipeline) else None
+        generations.append(Generation(output_frames(output), walls, attention, stats))
+    masks = _block_masks(call, mask_layer) if isinstance(call, SparsePipeline) else {}
+    return VariantRun(name, label, config, generations, masks)
+
+
+def _block_masks(pipeline: SparsePipeline, layer: int) -> dict[tuple[str, str], np.ndarray]:
+    return {(key.transformer, key.context): entry.plan.to_block_mask()[0].cpu().numpy()
+            for key, entry in pipeline.controller.plans.items() if key.layer == layer}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
