@@ -97,7 +97,9 @@ def load_model(model: str | None, device: torch.device, dtype: torch.dtype) -> E
     on ``device`` in ``dtype``."""
     if model is None:
         spec = OfflineWanSpec()
-        pipe = build_offline_pipeline(spec).to(device=device, dtype=dtype)
+        pipe = build_offline_pipeline(spec).to(device)
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
         defaults = GenerationSettings(spec.steps, spec.frames, spec.height, spec.width, spec.guidance_scale)
         return EvalModel(pipe, OFFLINE_MODEL_NAME, random_weights=True, offline_spec=spec, defaults=defaults)
 

@@ -1,0 +1,153 @@
+"""dit-sparse-eval: run a model dense and with block-sparse attention on the same prompts and seeds,
+and report how much faster and how close the sparse result is.
+
+    python -m dit_sparse.eval --out eval-out                     # offline default: random Wan, CPU-sized
+    dit-sparse-eval --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --prompts prompts.txt \\
+        --patterns auto radial --densities 0.1 0.15 --dense-steps 0.25 --frames 81 --vbench all --out wan-eval
+
+Writes results.json, results.md, videos/ (dense, each config, side by side), plots/ and, with
+--save-plans, plans/ under --out, and prints the table. See docs/eval.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from dit_sparse.config import PATTERNS
+
+from .configs import config_grid, load_config_file, parse_dense_steps
+from .evaluation import EvalRequest, evaluate
+from .models import GenerationSettings
+from .report import format_terminal
+from .vbench_bridge import check_dimensions
+
+DEFAULT_PROMPTS = ["A red fox trots through fresh snow at dawn, its breath steaming in the cold air."]
+DEFAULT_PATTERNS = ["adaptive"]
+DEFAULT_DENSITIES = [0.1]
+DEFAULT_DENSE_STEPS = ["0.125"]
+DEFAULT_DENSE_LAYERS: list[int] = []
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dit-sparse-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = parser.add_argument_group("model and prompts")
+    what.add_argument("--model", default=None,
+                      help="diffusers model id or local directory (default: the offline random Wan model)")
+    what.add_argument("--prompts", nargs="+", default=None, metavar="TEXT_OR_FILE",
+                      help="prompts, or text files with one prompt per line (blank and # lines skipped)")
+
+    sparse = parser.add_argument_group("sparse configurations (a grid, or a file)")
+    sparse.add_argument("--configs", type=Path, default=None, metavar="FILE",
+                        help="JSON or YAML list of SparseAttentionConfig dicts (replaces the grid flags)")
+    sparse.add_argument("--patterns", nargs="+", choices=PATTERNS, default=None,
+                        help=f"mask patterns (default: {' '.join(DEFAULT_PATTERNS)})")
+    sparse.add_argument("--densities", nargs="+", type=float, default=None,
+                        help=f"density budgets (default: {' '.join(map(str, DEFAULT_DENSITIES))} unless --top-p)")
+    sparse.add_argument("--top-p", nargs="+", type=float, default=None, help="attention-mass budgets")
+    sparse.add_argument("--dense-steps", nargs="+", default=None, metavar="N_OR_FRACTION",
+                        help=f"leading dense steps, a count or a fraction (default: {' '.join(DEFAULT_DENSE_STEPS)})")
+    sparse.add_argument("--dense-layers", nargs="*", type=int, default=None, metavar="LAYER",
+                        help="self-attention layers that stay dense (default: none; give no value for none)")
+
+    gen = parser.add_argument_group("generation (defaults: the model's own)")
+    gen.add_argument("--steps", type=int, default=None)
+    gen.add_argument("--frames", type=int, default=None)
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--guidance-scale", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                     help="default: bfloat16 on CUDA, float32 elsewhere")
+    gen.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+    timing = parser.add_argument_group("timing")
+    timing.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls per variant (default: 1)")
+    timing.add_argument("--repeats", type=int, default=1, help="timed calls per prompt and variant (default: 1)")
+
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--out", type=Path, default=Path("eval-out"), help="output folder (default: eval-out)")
+    out.add_argument("--vbench", nargs="*", default=[], metavar="DIM",
+                     help="VBench dimensions to score, or 'all' (temporal_flickering always runs)")
+    out.add_argument("--vbench-python", default=None, help="Python interpreter that has vbench installed")
+    out.add_argument("--save-plans", action="store_true", help="save each config's plans under OUT/plans")
+    out.add_argument("--mask-layer", type=int, default=None,
+                     help="self-attention layer for the block-mask pictures (default: the middle one)")
+    out.add_argument("--fps", type=int, default=16, help="frame rate of the written mp4s (default: 16)")
+    return parser
+
+
+def request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> EvalRequest:
+    """Validate the parsed flags (``parser.error`` on bad input) and build the request."""
+    for name in ("steps", "frames", "height", "width", "threads", "repeats", "fps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1, got {value}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    grid_flags = [f"--{n.replace('_', '-')}" for n in ("patterns", "densities", "top_p", "dense_steps", "dense_layers")
+                  if getattr(args, n) is not None]
+    if args.configs is not None and grid_flags:
+        parser.error(f"give either --configs FILE or the grid flags ({', '.join(grid_flags)}), not both")
+    try:
+        configs = load_config_file(args.configs) if args.configs is not None else _grid(args)
+        prompts = _read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_dimensions(args.vbench)
+    except (ValueError, RuntimeError) as error:
+        parser.error(str(error))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    settings = GenerationSettings(args.steps, args.frames, args.height, args.width, args.guidance_scale, args.seed)
+    return EvalRequest(
+        model=args.model, prompts=prompts, configs=configs, settings=settings, out=args.out, warmup=args.warmup,
+        repeats=args.repeats, device=device, dtype=dtype, vbench_dimensions=args.vbench,
+        vbench_python=args.vbench_python, save_plans=args.save_plans, mask_layer=args.mask_layer, fps=args.fps,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    request = request_from_args(args, parser)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        results = evaluate(request)
+    except ValueError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    print(format_terminal(results))
+    print(f"\nwrote {request.out / 'results.md'}, {request.out / 'results.json'}, videos/ and plots/ under {request.out}")
+    return 0
+
+
+def _grid(args: argparse.Namespace):
+    densities = args.densities if args.densities is not None else ([] if args.top_p else DEFAULT_DENSITIES)
+    dense_steps = [parse_dense_steps(text) for text in (args.dense_steps or DEFAULT_DENSE_STEPS)]
+    dense_layers = tuple(DEFAULT_DENSE_LAYERS if args.dense_layers is None else args.dense_layers)
+    return config_grid(args.patterns or DEFAULT_PATTERNS, densities, args.top_p or [], dense_steps, dense_layers)
+
+
+def _read_prompts(items: list[str]) -> list[str]:
+    prompts = []
+    for item in items:
+        path = Path(item)
+        if path.is_file():
+            lines = [line.strip() for line in path.read_text().splitlines()]
+            found = [line for line in lines if line and not line.startswith("#")]
+            if not found:
+                raise ValueError(f"prompt file {path} has no prompts (one per line; blank and # lines are skipped)")
+            prompts += found
+        elif item.strip():
+            prompts.append(item.strip())
+        else:
+            raise ValueError("--prompts got an empty prompt")
+    return prompts

@@ -1,0 +1,75 @@
+"""The path real checkpoints take: a pipeline saved with save_pretrained, loaded back by the eval's
+loader, driven with string prompts through its own tokenizer and text encoder."""
+
+import numpy as np
+import pytest
+import torch
+
+from dit_sparse.eval.models import GenerationSettings, load_model, output_frames
+
+WORDS = ["[PAD]", "[UNK]", "</s>", "a", "red", "fox", "in", "the", "snow", "cat", "on", "grass"]
+
+
+def save_tiny_wan_with_text_encoder(folder) -> None:
+    """A tiny Wan text-to-video pipeline with a word-level tokenizer and a random UMT5 encoder."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    backend = Tokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>")
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                               num_heads=4, relative_attention_num_buckets=8))
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+    pipe.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_wan(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-wan")
+    save_tiny_wan_with_text_encoder(folder)
+    return folder
+
+
+def test_a_saved_pipeline_loads_and_generates_from_string_prompts(saved_tiny_wan):
+    model = load_model(str(saved_tiny_wan), torch.device("cpu"), torch.float32)
+    assert not model.random_weights and model.offline_spec is None and model.makes_video
+    assert model.defaults.steps == 50                     # WanPipeline.__call__'s own default
+    settings = GenerationSettings(steps=2, frames=5, height=16, width=16, guidance_scale=1.0)
+    model.pipe.set_progress_bar_config(disable=True)
+    first = output_frames(model.pipe(**model.call_kwargs("a red fox in the snow", settings)))
+    again = output_frames(model.pipe(**model.call_kwargs("a red fox in the snow", settings)))
+    other = output_frames(model.pipe(**model.call_kwargs("a cat on the grass", settings)))
+    assert first.shape == (5, 16, 16, 3) and first.dtype == np.float32
+    assert 0.0 <= first.min() and first.max() <= 1.0
+    np.testing.assert_array_equal(first, again)            # same prompt and seed: same video
+    assert not np.array_equal(first, other)                # the prompt reaches the model
+
+
+def test_a_model_that_cannot_load_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"could not load .* \(a local directory\).*save_pretrained"):
+        load_model(str(tmp_path), torch.device("cpu"), torch.float32)
+
+
+def test_frames_on_an_image_pipeline_are_refused():
+    class ImagePipeline:
+        def __call__(self, prompt, num_inference_steps=28, height=None, width=None, output_type="pil", generator=None):
+            raise AssertionError("never called")
+
+    from dit_sparse.eval.models import EvalModel
+
+    model = EvalModel(ImagePipeline(), "an-image-model", random_weights=False)
+    with pytest.raises(ValueError, match="makes images; --frames applies to video pipelines only"):
+        model.call_kwargs("a fox", GenerationSettings(frames=9))
