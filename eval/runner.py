@@ -115,14 +115,13 @@ def run_evaluation(
     plans_dir: Path | None = None,
     mask_layer: int | None = None,
 ) -> EvalRun:
-    """Generate every prompt dense and under each config; save each config's plans (if it made
-    any: ``pattern="dense"`` makes none) to ``plans_dir/<config name>.safetensors`` when given. Keeps the block masks of self-attention
-    layer ``mask_layer`` (default: the middle one) for pictures."""
+    """Generate every prompt dense and under each config. Saves each config's plans (if it made any:
+    ``pattern="dense"`` makes none) to ``plans_dir/<config name>.safetensors`` when given, and keeps
+    the block masks of self-attention layer ``mask_layer`` (default: the middle one) for pictures."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     if not prompts:
         raise ValueError("no prompts to generate")
-    settings = model.resolve(settings)
     timer = AttentionTimer(model.pipe)
     layers = sorted({layer for _, layer in timer.self_attention_layers.values()})
     mask_layer = layers[len(layers) // 2] if mask_layer is None else mask_layer
@@ -131,62 +130,66 @@ def run_evaluation(
     model.pipe.set_progress_bar_config(leave=False, position=1)
     total = (1 + len(configs)) * (warmup + repeats * len(prompts))
     with tqdm(total=total, desc="generations", position=0) as bar, timer:
-        dense = _run_variant(DENSE, DENSE, None, model.pipe, model, prompts, settings, warmup, repeats, timer, bar,
-                             mask_layer)
+        session = _Session(model, prompts, model.resolve(settings), warmup, repeats, mask_layer, timer, bar)
+        dense = session.run(DENSE, DENSE, None)
         sparse = []
         for index, config in enumerate(configs):
             pipeline = SparsePipeline(model.pipe, config)
             try:
                 name = config_slug(index, config)
-                sparse.append(_run_variant(name, config_label(config), config, pipeline, model, prompts, settings,
-                                           warmup, repeats, timer, bar, mask_layer))
+                sparse.append(session.run(name, config_label(config), pipeline))
                 if plans_dir is not None and len(pipeline.controller.plans):
                     plans_dir.mkdir(parents=True, exist_ok=True)
                     pipeline.save_plans(plans_dir / f"{name}.safetensors")
             finally:
                 pipeline.remove()
-    return EvalRun(model, settings, prompts, warmup, repeats, mask_layer, dense, sparse, timer.self_attention_flops())
+    return EvalRun(model, session.settings, prompts, warmup, repeats, mask_layer, dense, sparse,
+                   timer.self_attention_flops())
 
 
-def _run_variant(
-    name: str,
-    label: str,
-    config: SparseAttentionConfig | None,
-    call: Callable[..., Any],
-    model: EvalModel,
-    prompts: list[str],
-    settings: GenerationSettings,
-    warmup: int,
-    repeats: int,
-    timer: AttentionTimer,
-    bar: tqdm,
-    mask_layer: int,
-) -> VariantRun:
-    device = model.pipe.transformer.device
-    warmup_steps = 1 if config is None else config.num_dense_steps(settings.steps) + 1
-    warmup_settings = replace(settings, steps=min(settings.steps, warmup_steps))
-    for _ in range(warmup):
-        bar.set_postfix_str(f"{name}: warm-up")
-        call(**model.call_kwargs(prompts[0], warmup_settings))
-        bar.update()
-    generations = []
-    for index, prompt in enumerate(prompts):
+@dataclass
+class _Session:
+    """What every variant of one evaluation shares."""
+
+    model: EvalModel
+    prompts: list[str]
+    settings: GenerationSettings
+    warmup: int
+    repeats: int
+    mask_layer: int
+    timer: AttentionTimer
+    bar: tqdm
+
+    def run(self, name: str, label: str, pipeline: SparsePipeline | None) -> VariantRun:
+        """Warm up, then time every prompt, through ``pipeline`` (``None``: the plain pipeline)."""
+        call = self.model.pipe if pipeline is None else pipeline
+        config = None if pipeline is None else pipeline.config
+        warmup_steps = 1 if config is None else config.num_dense_steps(self.settings.steps) + 1
+        warmup_settings = replace(self.settings, steps=min(self.settings.steps, warmup_steps))
+        for _ in range(self.warmup):
+            self.bar.set_postfix_str(f"{name}: warm-up")
+            call(**self.model.call_kwargs(self.prompts[0], warmup_settings))
+            self.bar.update()
+        generations = [self._timed(name, index, call) for index in range(len(self.prompts))]
+        masks = {} if pipeline is None else _block_masks(pipeline, self.mask_layer)
+        return VariantRun(name, label, config, generations, masks)
+
+    def _timed(self, name: str, index: int, call: Callable[..., Any]) -> Generation:
+        device = self.model.pipe.transformer.device
         walls, attention, output = [], [], None
-        for repeat in range(repeats):
-            bar.set_postfix_str(f"{name}: prompt {index + 1}/{len(prompts)}, run {repeat + 1}/{repeats}")
-            kwargs = model.call_kwargs(prompt, settings)
-            timer.reset()
+        for repeat in range(self.repeats):
+            self.bar.set_postfix_str(f"{name}: prompt {index + 1}/{len(self.prompts)}, run {repeat + 1}/{self.repeats}")
+            kwargs = self.model.call_kwargs(self.prompts[index], self.settings)
+            self.timer.reset()
             _synchronize(device)
             start = time.perf_counter()
             output = call(**kwargs)
             _synchronize(device)
             walls.append(time.perf_counter() - start)
-            attention.append(timer.seconds())
-            bar.update()
+            attention.append(self.timer.seconds())
+            self.bar.update()
         stats = call.last_stats.to_dict() if isinstance(call, SparsePipeline) else None
-        generations.append(Generation(output_frames(output), walls, attention, stats))
-    masks = _block_masks(call, mask_layer) if isinstance(call, SparsePipeline) else {}
-    return VariantRun(name, label, config, generations, masks)
+        return Generation(output_frames(output), walls, attention, stats)
 
 
 def _block_masks(pipeline: SparsePipeline, layer: int) -> dict[tuple[str, str], np.ndarray]:
