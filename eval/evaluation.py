@@ -20,7 +20,7 @@ import torch
 
 from dit_sparse import SparseAttentionConfig
 
-from .machine import machine_info
+from .machine import load_average, machine_info
 from .metrics import lpips_status
 from .models import GenerationSettings, load_model
 from .plots import density_figure, mask_figure, save_figure, speedup_vs_psnr_figure
@@ -65,11 +65,13 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
     model = load_model(request.model, request.device, request.dtype)
     out = request.out
     out.mkdir(parents=True, exist_ok=True)
+    load_before = load_average()
     run = run_evaluation(model, request.configs, request.prompts, request.settings, request.warmup, request.repeats,
                          plans_dir=out / "plans" if request.save_plans else None, mask_layer=request.mask_layer)
+    machine = machine_info(request.device) | {"load_before": load_before, "load_after": load_average()}
     folders = _write_videos(run, out / "videos", request.fps)
     vbench = _vbench_scores(run, vbench_plan, folders, out, request.device)
-    results = build_results(run, machine_info(request.device), lpips, vbench)
+    results = build_results(run, machine, lpips, vbench)
     plots = _write_plots(run, results, out / "plots")
     results["outputs"] = {
         "videos": {name: str(folder.relative_to(out)) for name, folder in folders.items()},

@@ -36,12 +36,20 @@ def machine_info(device: torch.device) -> dict[str, str | int]:
     return info
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (runnable processes; compare with the core count), where the OS has one."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def describe_machine(info: dict[str, str | int]) -> str:
-    """One line for a report, from :func:`machine_info`."""
+    """One line for a report, from :func:`machine_info` (plus ``load_before`` / ``load_after``
+    1-minute load averages when a measurement recorded them)."""
     parts = [f"CPU {info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads)"]
     if "gpu" in info:
         parts.append(f"GPU {info['gpu']} (CUDA {info['cuda']})")
     parts.append(f"torch {info['torch']}, diffusers {info['diffusers']}, Python {info['python']}")
+    if info.get("load_before") is not None:
+        parts.append(f"load average {info['load_before']:.2f} before, {info['load_after']:.2f} after")
     return "; ".join(parts)
 
 
