@@ -1,10 +1,13 @@
 """The path real checkpoints take: a pipeline saved with save_pretrained, loaded back by the eval's
 loader, driven with string prompts through its own tokenizer and text encoder."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from dit_sparse.eval.cli import main
 from dit_sparse.eval.models import GenerationSettings, load_model, output_frames
 
 WORDS = ["[PAD]", "[UNK]", "</s>", "a", "red", "fox", "in", "the", "snow", "cat", "on", "grass"]
@@ -73,3 +76,15 @@ def test_frames_on_an_image_pipeline_are_refused():
     model = EvalModel(ImagePipeline(), "an-image-model", random_weights=False)
     with pytest.raises(ValueError, match="makes images; --frames applies to video pipelines only"):
         model.call_kwargs("a fox", GenerationSettings(frames=9))
+
+
+def test_the_cli_runs_unchanged_on_a_saved_pipeline(saved_tiny_wan, tmp_path):
+    out = tmp_path / "eval-out"
+    code = main(["--model", str(saved_tiny_wan), "--prompts", "a red fox in the snow", "--frames", "9", "--height", "32",
+                 "--width", "32", "--steps", "3", "--guidance-scale", "1", "--dense-steps", "1", "--densities", "0.5",
+                 "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"] == {"name": str(saved_tiny_wan), "random_weights": False, "offline_spec": None}
+    assert results["notes"] == [] and results["settings"]["frames_shape"] == [9, 32, 32, 3]
+    assert results["configs"][0]["dense_steps"] == 1 and results["configs"][0]["speedup"] > 0
