@@ -3,7 +3,8 @@ and report how much faster and how close the sparse result is.
 
     python -m dit_sparse.eval --out eval-out                     # offline default: random Wan, CPU-sized
     dit-sparse-eval --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --prompts prompts.txt \\
-        --patterns auto radial --densities 0.1 0.15 --dense-steps 0.25 --frames 81 --vbench all --out wan-eval
+        --patterns auto radial --densities 0.1 0.15 --dense-steps 0.25 --dense-layers 0 --frames 81 \\
+        --vbench all --out wan-eval
 
 Writes results.json, results.md, videos/ (dense, each config, side by side), plots/ and, with
 --save-plans, plans/ under --out, and prints the table. See docs/eval.md.
@@ -17,19 +18,17 @@ from pathlib import Path
 
 import torch
 
+from dit_sparse import SparseAttentionConfig
 from dit_sparse.config import PATTERNS
 
-from .configs import config_grid, load_config_file, parse_dense_steps
+from .configs import config_grid, config_label, load_config_file, parse_dense_steps
 from .evaluation import EvalRequest, evaluate
 from .models import GenerationSettings
+from .offline_model import OFFLINE_SPARSE_CONFIG
 from .report import format_terminal
 from .vbench_bridge import check_dimensions
 
 DEFAULT_PROMPTS = ["A red fox trots through fresh snow at dawn, its breath steaming in the cold air."]
-DEFAULT_PATTERNS = ["adaptive"]
-DEFAULT_DENSITIES = [0.1]
-DEFAULT_DENSE_STEPS = ["0.125"]
-DEFAULT_DENSE_LAYERS: list[int] = []
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -42,18 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--prompts", nargs="+", default=None, metavar="TEXT_OR_FILE",
                       help="prompts, or text files with one prompt per line (blank and # lines skipped)")
 
-    sparse = parser.add_argument_group("sparse configurations (a grid, or a file)")
+    sparse = parser.add_argument_group(
+        "sparse configurations (a grid, or a file)",
+        f"Grid flags left out take the default configuration's value: ({config_label(OFFLINE_SPARSE_CONFIG)}) for the "
+        f"offline model, the library defaults ({config_label(SparseAttentionConfig())}) with --model.",
+    )
     sparse.add_argument("--configs", type=Path, default=None, metavar="FILE",
                         help="JSON or YAML list of SparseAttentionConfig dicts (replaces the grid flags)")
-    sparse.add_argument("--patterns", nargs="+", choices=PATTERNS, default=None,
-                        help=f"mask patterns (default: {' '.join(DEFAULT_PATTERNS)})")
-    sparse.add_argument("--densities", nargs="+", type=float, default=None,
-                        help=f"density budgets (default: {' '.join(map(str, DEFAULT_DENSITIES))} unless --top-p)")
-    sparse.add_argument("--top-p", nargs="+", type=float, default=None, help="attention-mass budgets")
+    sparse.add_argument("--patterns", nargs="+", choices=PATTERNS, default=None, metavar="PATTERN",
+                        help=f"mask patterns: {', '.join(PATTERNS)}")
+    sparse.add_argument("--densities", nargs="+", type=float, default=None, help="density budgets")
+    sparse.add_argument("--top-p", nargs="+", type=float, default=None,
+                        help="attention-mass budgets (replace the default density)")
     sparse.add_argument("--dense-steps", nargs="+", default=None, metavar="N_OR_FRACTION",
-                        help=f"leading dense steps, a count or a fraction (default: {' '.join(DEFAULT_DENSE_STEPS)})")
+                        help="leading dense steps, a count (2) or a fraction of the run (0.25)")
     sparse.add_argument("--dense-layers", nargs="*", type=int, default=None, metavar="LAYER",
-                        help="self-attention layers that stay dense (default: none; give no value for none)")
+                        help="self-attention layers that stay dense (no value: none)")
 
     gen = parser.add_argument_group("generation (defaults: the model's own)")
     gen.add_argument("--steps", type=int, default=None)
@@ -129,11 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _grid(args: argparse.Namespace):
-    densities = args.densities if args.densities is not None else ([] if args.top_p else DEFAULT_DENSITIES)
-    dense_steps = [parse_dense_steps(text) for text in (args.dense_steps or DEFAULT_DENSE_STEPS)]
-    dense_layers = tuple(DEFAULT_DENSE_LAYERS if args.dense_layers is None else args.dense_layers)
-    return config_grid(args.patterns or DEFAULT_PATTERNS, densities, args.top_p or [], dense_steps, dense_layers)
+def _grid(args: argparse.Namespace) -> list[SparseAttentionConfig]:
+    """The grid from the flags, each flag left out taken from the default configuration."""
+    default = OFFLINE_SPARSE_CONFIG if args.model is None else SparseAttentionConfig()
+    densities = args.densities if args.densities is not None else ([] if args.top_p else [default.density])
+    dense_steps = [parse_dense_steps(text) for text in args.dense_steps] if args.dense_steps else [default.dense_steps]
+    dense_layers = default.dense_layers if args.dense_layers is None else tuple(args.dense_layers)
+    return config_grid(args.patterns or [default.pattern], densities, args.top_p or [], dense_steps, dense_layers)
 
 
 def _read_prompts(items: list[str]) -> list[str]:

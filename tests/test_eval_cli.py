@@ -1,6 +1,8 @@
 import pytest
 
+from dit_sparse import SparseAttentionConfig
 from dit_sparse.eval.cli import DEFAULT_PROMPTS, build_parser, request_from_args
+from dit_sparse.eval.offline_model import OFFLINE_SPARSE_CONFIG
 
 
 def _request(argv):
@@ -15,11 +17,19 @@ def _error(argv, capsys) -> str:
     return capsys.readouterr().err
 
 
-def test_defaults_are_the_offline_model_and_one_sparse_config():
+def test_defaults_are_the_offline_model_and_its_sparse_config():
     request = _request([])
     assert request.model is None and request.prompts == DEFAULT_PROMPTS
-    assert len(request.configs) == 1
+    assert request.configs == [OFFLINE_SPARSE_CONFIG]
     assert request.device.type in ("cpu", "cuda")
+
+
+def test_a_loaded_model_defaults_to_the_library_config_and_flags_override_one_field_at_a_time():
+    assert _request(["--model", "some/model"]).configs == [SparseAttentionConfig()]
+    (config,) = _request(["--model", "some/model", "--densities", "0.2"]).configs
+    assert config == SparseAttentionConfig(density=0.2)
+    (config,) = _request(["--top-p", "0.9"]).configs
+    assert (config.pattern, config.top_p, config.dense_steps) == ("adaptive", 0.9, OFFLINE_SPARSE_CONFIG.dense_steps)
 
 
 def test_grid_flags_and_prompt_files(tmp_path):
