@@ -82,8 +82,7 @@ def test_the_cli_runs_unchanged_on_a_saved_pipeline(saved_tiny_wan, tmp_path):
     out = tmp_path / "eval-out"
     code = main(["--model", str(saved_tiny_wan), "--prompts", "a red fox in the snow", "--frames", "9", "--height", "32",
                  "--width", "32", "--steps", "3", "--guidance-scale", "1", "--patterns", "adaptive", "--dense-steps", "1",
-                 "--densities", "0.5",
-                 "--out", str(out)])
+                 "--densities", "0.5", "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["model"] == {"name": str(saved_tiny_wan), "random_weights": False, "offline_spec": None}
