@@ -54,11 +54,7 @@ class EvalModel:
 
     @property
     def makes_video(self) -> bool:
-        return "num_frames" in self._call_parameters
-
-    @property
-    def _call_parameters(self) -> dict[str, inspect.Parameter]:
-        return dict(inspect.signature(self.pipe.__call__).parameters)
+        return "num_frames" in inspect.signature(self.pipe.__call__).parameters
 
     def resolve(self, settings: GenerationSettings) -> GenerationSettings:
         """``settings`` with the model's defaults filled in where ``settings`` leaves ``None``."""
