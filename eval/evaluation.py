@@ -60,12 +60,12 @@ class EvalRequest:
 
 def evaluate(request: EvalRequest) -> dict[str, Any]:
     """Run ``request`` and write every output under ``request.out``; returns the results."""
+    load_before = load_average()
     vbench_plan = plan_vbench(request.vbench_dimensions, request.vbench_python)
     lpips = lpips_status()
     model = load_model(request.model, request.device, request.dtype)
     out = request.out
     out.mkdir(parents=True, exist_ok=True)
-    load_before = load_average()
     run = run_evaluation(model, request.configs, request.prompts, request.settings, request.warmup, request.repeats,
                          plans_dir=out / "plans" if request.save_plans else None, mask_layer=request.mask_layer)
     machine = machine_info(request.device) | {"load_before": load_before, "load_after": load_average()}

@@ -49,7 +49,7 @@ def describe_machine(info: dict[str, str | int]) -> str:
         parts.append(f"GPU {info['gpu']} (CUDA {info['cuda']})")
     parts.append(f"torch {info['torch']}, diffusers {info['diffusers']}, Python {info['python']}")
     if info.get("load_before") is not None:
-        parts.append(f"load average {info['load_before']:.2f} before, {info['load_after']:.2f} after")
+        parts.append(f"load average {info['load_before']:.2f} at the start, {info['load_after']:.2f} after the timed runs")
     return "; ".join(parts)
 
 

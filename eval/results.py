@@ -50,7 +50,7 @@ def build_results(run: EvalRun, machine: dict[str, Any], lpips: LpipsStatus, vbe
             "random_weights": model.random_weights,
             "offline_spec": model.offline_spec.to_dict() if model.offline_spec else None,
         },
-        "notes": [RANDOM_WEIGHTS_NOTE] if model.random_weights else [],
+        "notes": ([RANDOM_WEIGHTS_NOTE] if model.random_weights else []) + _busy_machine_notes(machine),
         "machine": machine,
         "settings": asdict(run.settings) | {
             "warmup": run.warmup, "repeats": run.repeats, "mask_layer": run.mask_layer,
@@ -98,6 +98,17 @@ def own_flicker_scores(run: EvalRun) -> dict[str, float]:
     VBench is not installed."""
     variants = [run.dense, *run.sparse]
     return {v.name: statistics.fmean(temporal_flickering(g.frames) for g in v.generations) for v in variants}
+
+
+def _busy_machine_notes(machine: dict[str, Any]) -> list[str]:
+    """A warning when other work competed for the CPU: the load average when the evaluation started
+    plus this run's threads exceeded the cores."""
+    load = machine.get("load_before")
+    if load is None or load + machine["torch_threads"] <= machine["cpu_count"] + 0.5:
+        return []
+    return [f"The machine was busy (load average {load:.2f} when the evaluation started, {machine['cpu_count']} cores, "
+            f"{machine['torch_threads']} torch threads): timings include contention from other work. On a shared "
+            f"machine, --threads 1 gives steadier CPU timings."]
 
 
 def _variant_timing(variant: VariantRun) -> dict[str, Any]:
