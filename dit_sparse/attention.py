@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .plan import BlockSparsePlan
@@ -143,20 +145,43 @@ def _from_plan_order(out: torch.Tensor, plan: BlockSparsePlan) -> torch.Tensor:
     return out.reshape(-1, dim).index_select(0, index).view(batch, seq, heads, dim)
 
 
+def _plan_rows(plan: BlockSparsePlan) -> tuple:
+    """The plan's compressed rows, as the kernels take them."""
+    return plan.kv_counts, plan.kv_offsets, plan.kv_indices, plan.block_size_q, plan.block_size_k
+
+
 def _torch_kernel(q, k, v, plan: BlockSparsePlan, valid, scale):
     from dit_sparse.kernels.block_sparse_attention_torch import block_sparse_attention_torch
 
-    return block_sparse_attention_torch(
-        q, k, v, plan.kv_counts, plan.kv_offsets, plan.kv_indices, plan.block_size_q, plan.block_size_k,
-        kv_valid_len=valid, scale=scale,
+    return block_sparse_attention_torch(q, k, v, *_plan_rows(plan), kv_valid_len=valid, scale=scale)
+
+
+def _triton_kernel(q, k, v, plan: BlockSparsePlan, valid, scale):
+    from dit_sparse.kernels.block_sparse_attention_triton import (
+        block_sparse_attention_triton,
+        heavy_first_row_order,
     )
 
-
-def _unavailable(name: str):
-    def kernel(*_args, **_kwargs):
-        raise NotImplementedError(f"the {name!r} attention backend is not available in this build")
-
-    return kernel
+    batch = q.shape[0]
+    rows = plan.cached(("row_order", batch), lambda: heavy_first_row_order(plan.kv_counts, batch))
+    return block_sparse_attention_triton(q, k, v, *_plan_rows(plan), kv_valid_len=valid, scale=scale, row_order=rows)
 
 
-_KERNELS = {"torch": _torch_kernel, "triton": _unavailable("triton"), "flex": _unavailable("flex")}
+def _flex_kernel(q, k, v, plan: BlockSparsePlan, valid, scale):
+    """FlexAttention with the plan's ``BlockMask`` (which carries the valid key lengths itself);
+    rows with no key come out as zeros."""
+    batch = q.shape[0]
+    block_mask = plan.cached(("valid", "flex_block_mask", batch), lambda: plan.to_flex_block_mask(batch))
+    return _flex_attention(q.device.type == "cuda")(q, k, v, block_mask=block_mask, scale=scale)
+
+
+@functools.cache
+def _flex_attention(compiled: bool):
+    """``flex_attention``, compiled once per process for CUDA; eager elsewhere (the eager path
+    materialises the scores: for small inputs only)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
+_KERNELS = {"torch": _torch_kernel, "triton": _triton_kernel, "flex": _flex_kernel}
