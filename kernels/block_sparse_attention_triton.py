@@ -166,7 +166,7 @@ def tile_config(block_size_q: int, block_size_k: int, head_dim_pad: int, dtype: 
     the exact path, not a fast one: smaller tiles, and its 3xTF32 dots still spill a little at D >= 128.
     """
     if dtype == torch.float32:
-        block_m, block_n, warps, stages = (64, 32, 4, 2) if head_dim_pad <= 128 else (32, 32, 4, 2)
+        block_m, block_n, warps, stages = (64, 32, 4, 2) if head_dim_pad <= 128 else (32, 16, 4, 2)
     elif head_dim_pad <= 32:
         block_m, block_n, warps, stages = 128, 64, 4, 3
     elif head_dim_pad <= 128:
