@@ -6,10 +6,10 @@
     python -m dit_sparse.eval.bench_attention --preset hunyuan720p  # GPU: ... at HunyuanVideo 720p
 
 On a GPU the ``wan480p`` and ``hunyuan720p`` presets (the default there is ``wan480p``) time, on one
-plan per density: dense SDPA (flash backend), compiled FlexAttention with the plan's BlockMask, the
-Triton kernel on tensors already in plan order, the ``triton`` backend end to end (with the token
-gathers), and block-mass calibration of the layer against one dense attention; then they check the
-kernel targets. Without a GPU every preset runs the CPU comparison (``--preset cpu``).
+plan per density: dense SDPA (flash backend), compiled FlexAttention with the plan's BlockMask and the
+Triton kernel (the ``flex`` and ``triton`` backends on tensors already in plan order), the ``triton``
+backend end to end (with the token gathers), and block-mass calibration of the layer against one
+dense attention; then they check the kernel targets. Without a GPU every preset runs the CPU comparison (``--preset cpu``).
 
 Every timing is the median of ``--repeats`` runs after ``--warmup`` runs (CUDA events on a GPU);
 speedups are ratios to dense SDPA measured in the same process on the same inputs.
@@ -138,15 +138,13 @@ def run_kernels(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """GPU: dense SDPA (flash), compiled FlexAttention, the Triton kernel and the ``triton`` backend on
     one plan per density, and block-mass calibration; bf16 unless ``--dtype`` says otherwise."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import flex_attention
 
+    from dit_sparse.attention import attention_in_plan_order
     from dit_sparse.kernels.block_mass_triton import block_mass_triton
-    from dit_sparse.kernels.block_sparse_attention_triton import block_sparse_attention_triton, heavy_first_row_order
 
     layout, q, k, v = make_inputs(args, device, getattr(torch, args.dtype or "bfloat16"))
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     flops_dense = 4 * layout.seq_len**2 * args.head_dim * args.heads
-    flex = torch.compile(flex_attention, dynamic=False)
 
     def timed(method: str, density: float, target: float, fn: Callable[[], object]) -> dict:
         ms = median_time(fn, args.warmup, args.repeats, device)
@@ -159,12 +157,10 @@ def run_kernels(args: argparse.Namespace, device: torch.device) -> list[dict]:
     for target in args.densities:
         plan = make_plan(args, layout, target, device)
         density = plan.density()
-        block_mask = plan.to_flex_block_mask(1)
-        row_order = heavy_first_row_order(plan.kv_counts, 1)
-        csr = (plan.kv_counts, plan.kv_offsets, plan.kv_indices, plan.block_size_q, plan.block_size_k)
-        flex_row = timed("flex (compiled)", density, target, lambda: flex(qt, kt, vt, block_mask=block_mask))
+        flex_row = timed("flex (compiled)", density, target,
+                         lambda: attention_in_plan_order(qt, kt, vt, plan, backend="flex"))
         triton_row = timed("triton kernel", density, target,
-                           lambda: block_sparse_attention_triton(qt, kt, vt, *csr, row_order=row_order))
+                           lambda: attention_in_plan_order(qt, kt, vt, plan, backend="triton"))
         backend_row = timed("triton backend (with gathers)", density, target,
                             lambda: sparse_attention(q, k, v, plan, backend="triton"))
         for row in (flex_row, triton_row, backend_row):
