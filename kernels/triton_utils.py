@@ -19,7 +19,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
-_FITTING_CONFIGS: dict[tuple, dict] = {}
+_FITTING_CONFIGS: dict[tuple, int] = {}
 
 
 def interpreting() -> bool:
@@ -92,15 +92,14 @@ def smaller_configs(config: dict) -> list[dict]:
 def launch(kernel, grid: Callable[[dict], tuple], config: dict, key: tuple, *args, **constexprs) -> None:
     """Launch ``kernel[grid(config)](*args, **constexprs, **config)``; on a GPU without the shared
     memory ``config`` needs (the tile sizes target sm_90), fall back along :func:`smaller_configs` to
-    the first that fits, and remember it for ``key``."""
+    the first that fits, and start from it for ``key`` next time."""
     candidates = smaller_configs(config)
-    start = _FITTING_CONFIGS.get(key)
-    for candidate in candidates if start is None else [start]:
+    for index in range(_FITTING_CONFIGS.get(key, 0), len(candidates)):
         try:
-            kernel[grid(candidate)](*args, **constexprs, **candidate)
+            kernel[grid(candidates[index])](*args, **constexprs, **candidates[index])
         except triton.OutOfResources:
             continue
-        _FITTING_CONFIGS[key] = candidate
+        _FITTING_CONFIGS[key] = index
         return
     raise RuntimeError(f"no tile configuration of {getattr(kernel, '__name__', kernel)} fits this device")
 
