@@ -94,7 +94,7 @@ def test_lse_matches_dense_logsumexp(case, dtype, device):
     assert torch.equal(lse.isneginf(), expected.isneginf())
     torch.testing.assert_close(lse, expected, atol=1e-4, rtol=1e-5)
     lse_only = block_sparse_lse_triton(qp, kp, *plan_rows(plan), kv_valid_len=valid)
-    torch.testing.assert_close(lse_only, lse, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lse_only, lse, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("padded_text", [False, True])
