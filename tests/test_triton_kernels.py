@@ -10,7 +10,9 @@ import triton
 
 from dit_sparse import BlockSparsePlan, TokenLayout, sparse_attention
 from dit_sparse.attention import attention_in_plan_order
+from dit_sparse.calibration import measure_block_mass
 from dit_sparse.kernels import triton_utils
+from dit_sparse.kernels.block_mass_torch import block_mass_torch
 from dit_sparse.kernels.block_mass_triton import block_mass_triton
 from dit_sparse.kernels.block_sparse_attention_triton import (
     block_sparse_attention_triton,
@@ -186,6 +188,23 @@ def test_block_mass_takes_a_given_lse(device):
     scores = (q @ k.transpose(-1, -2)) * 0.3
     probs = F.pad((scores - lse[..., None]).exp(), (0, 28, 0, 28)).view(1, 2, 4, 32, 4, 32).sum((3, 5))
     torch.testing.assert_close(mass, probs / torch.tensor([32, 32, 32, 4], device=device)[:, None], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_block_mass_matches_its_torch_twin(dtype, device):
+    valid = torch.tensor([150, 90], device=device)
+    q, k = (torch.randn(2, 2, 167, 48, device=device).to(dtype) for _ in range(2))
+    expected = block_mass_torch(q, k, 16, 32, kv_valid_len=valid)
+    torch.testing.assert_close(block_mass_triton(q, k, 16, 32, kv_valid_len=valid), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_calibration_measures_with_the_triton_kernel(device):
+    layout = TokenLayout((2, 8, 8), text_len=9, valid_text_len=(9, 3))
+    q, k = (torch.randn(2, layout.seq_len, 2, 32, device=device) for _ in range(2))
+    order = layout.tile_order((1, 4, 8)).to(device)
+    expected = measure_block_mass(q, k, layout, 32, order=order, backend="torch")
+    torch.testing.assert_close(measure_block_mass(q, k, layout, 32, order=order, backend="triton"), expected,
+                               atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[3]])
