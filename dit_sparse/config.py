@@ -40,6 +40,9 @@ class SparseAttentionConfig:
         backend: attention backend (see :func:`dit_sparse.sparse_attention`).
         per_context_plans: separate plans for the conditional and unconditional CFG passes.
         seed: seed of the semantic clustering.
+        reuse_plans: plans calibrated by an earlier pipeline call at the same layout serve later
+            calls without calibrating again (as loaded plans do). Off by default: every call
+            calibrates its own plans, since data-driven plans depend on the prompt.
 
     Example::
 
@@ -63,6 +66,7 @@ class SparseAttentionConfig:
     backend: str = "auto"
     per_context_plans: bool = True
     seed: int = 0
+    reuse_plans: bool = False
 
     def __post_init__(self) -> None:
         if self.pattern not in PATTERNS:
@@ -99,6 +103,9 @@ class SparseAttentionConfig:
         _check_fraction("min_recall", self.min_recall, allow_zero=True)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        for name in ("per_context_plans", "reuse_plans"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def block_sizes(self) -> tuple[int, int]:

@@ -168,10 +168,10 @@ class SparseAttentionController:
             out = dense()
             call.record.dense += 1
             calibrated_now = entry is not None and entry.generation == self._generation and entry.step == call.step
-            if entry is None or not (entry.loaded or calibrated_now):
+            if entry is None or not (self._kept(entry) or calibrated_now):
                 self._calibrate(plan_key, call, query, key)
             return out
-        if entry is None or not (entry.loaded or entry.generation == self._generation):
+        if entry is None or not (self._kept(entry) or entry.generation == self._generation):
             entry = self._calibrate(plan_key, call, query, key)
         if entry.plan.device != query.device:
             self.plans.to(query.device)
@@ -217,6 +217,10 @@ class SparseAttentionController:
         self._stats = SparseRunStats()
         self._first_steps.clear()
         self._calls.clear()
+
+    def _kept(self, entry: CachedPlan) -> bool:
+        """Whether ``entry`` serves without calibrating: loaded, or kept from an earlier call."""
+        return entry.loaded or (self.config.reuse_plans and entry.generation != self._generation)
 
     def _calibrate(self, plan_key: PlanKey, call: _Call, query: torch.Tensor, key: torch.Tensor) -> CachedPlan:
         plan, report = build_plan(query, key, call.layout, self.config, share_batch=not self.config.per_context_plans)

@@ -67,7 +67,7 @@ class StepSchedule:
     Args:
         config: the user's configuration.
         total_steps: steps of the run; needed when ``dense_steps`` is a fraction or
-            ``dense_last_steps`` is set, optional otherwise.
+            ``dense_last_steps`` is set (unless the pattern is ``"dense"``), optional otherwise.
 
     Example::
 
@@ -77,7 +77,7 @@ class StepSchedule:
     """
 
     def __init__(self, config: SparseAttentionConfig, total_steps: int | None) -> None:
-        if total_steps is None:
+        if total_steps is None and config.pattern != "dense":
             if isinstance(config.dense_steps, float):
                 raise ValueError(
                     f"dense_steps={config.dense_steps} is a fraction of the run, but this call does not say how many "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 from diffusers import FluxTransformer2DModel
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
@@ -50,13 +49,7 @@ class FluxSparseAttnProcessor(SparseAttnProcessor):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        def dense() -> torch.Tensor:
-            return dispatch_attention_fn(
-                query, key, value, attn_mask=attention_mask,
-                backend=self._attention_backend, parallel_config=self._parallel_config,
-            )
-
-        hidden_states = self.attend(query, key, value, dense, attention_mask)
+        hidden_states = self.attend_dispatched(query, key, value, attention_mask)
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
         if encoder_hidden_states is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
@@ -70,13 +69,7 @@ class HunyuanVideoSparseAttnProcessor(SparseAttnProcessor):
             key = torch.cat([key, encoder_key], dim=1)
             value = torch.cat([value, encoder_value], dim=1)
 
-        def dense() -> torch.Tensor:
-            return dispatch_attention_fn(
-                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                backend=self._attention_backend, parallel_config=self._parallel_config,
-            )
-
-        hidden_states = self.attend(query, key, value, dense)
+        hidden_states = self.attend_dispatched(query, key, value, attention_mask, mask_in_layout=True)
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 from diffusers import LTXVideoTransformer3DModel
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor, apply_rotary_emb
 
 from dit_sparse.layout import TokenLayout
@@ -49,13 +48,7 @@ class LTXVideoSparseAttnProcessor(SparseAttnProcessor):
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
 
-        def dense() -> torch.Tensor:
-            return dispatch_attention_fn(
-                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                backend=self._attention_backend, parallel_config=self._parallel_config,
-            )
-
-        hidden_states = self.attend(query, key, value, dense, attention_mask)
+        hidden_states = self.attend_dispatched(query, key, value, attention_mask)
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)

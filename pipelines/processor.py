@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from dit_sparse.controller import SparseAttentionController
 
@@ -60,3 +61,23 @@ class SparseAttnProcessor:
             )
             return dense()
         return self.controller.attend(self.transformer, self.layer, query, key, value, dense)
+
+    def attend_dispatched(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        mask_in_layout: bool = False,
+    ) -> torch.Tensor:
+        """:meth:`attend` with the dense path of the processors that call diffusers'
+        ``dispatch_attention_fn`` (the attention backend switch); ``mask_in_layout`` says that the
+        token layout already describes ``attention_mask`` (HunyuanVideo's text padding)."""
+
+        def dense() -> torch.Tensor:
+            return dispatch_attention_fn(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                backend=self._attention_backend, parallel_config=self._parallel_config,
+            )
+
+        return self.attend(query, key, value, dense, None if mask_in_layout else attention_mask)

@@ -50,9 +50,11 @@ class SparsePipeline:
         """Run the pipeline; returns its output and fills :attr:`last_stats`."""
         generation = self.controller.generation
         start = time.perf_counter()
-        output = self.pipe(*args, **kwargs)
+        try:
+            output = self.pipe(*args, **kwargs)
+        finally:  # a failed or interrupted call must not leave its steps to the next one
+            self.controller.finish_generation()
         wall_seconds = time.perf_counter() - start
-        self.controller.finish_generation()
         ran = self.controller.generation != generation and self.controller.last_stats is not None
         self.last_stats = self.controller.last_stats if ran else SparseRunStats()
         self.last_stats.wall_seconds = wall_seconds

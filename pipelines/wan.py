@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 from diffusers import WanTransformer3DModel
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
 from dit_sparse.layout import TokenLayout
@@ -39,13 +38,7 @@ class WanSparseAttnProcessor(SparseAttnProcessor):
             query = _apply_rotary_emb(query, *rotary_emb)
             key = _apply_rotary_emb(key, *rotary_emb)
 
-        def dense() -> torch.Tensor:
-            return dispatch_attention_fn(
-                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                backend=self._attention_backend, parallel_config=self._parallel_config,
-            )
-
-        hidden_states = self.attend(query, key, value, dense, attention_mask)
+        hidden_states = self.attend_dispatched(query, key, value, attention_mask)
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.type_as(query)
         hidden_states = attn.to_out[0](hidden_states)

@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Without CUDA the Triton kernels run in Triton's CPU interpreter, which is chosen when a kernel is
+# defined: switch it on before any test imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
@@ -35,11 +42,17 @@ _TINY = TinyCases()
 
 
 @pytest.fixture
-def tiny():
-    """``tiny(family)`` -> a :class:`tiny_pipelines.TinyCase`, stock again after the test. Runs on one
-    thread: these models are so small that thread hand-offs cost more than the arithmetic."""
+def one_thread():
+    """Run the test on one thread: tiny models are so small that thread hand-offs cost more than
+    the arithmetic."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny(one_thread):
+    """``tiny(family)`` -> a :class:`tiny_pipelines.TinyCase`, stock again after the test."""
     yield _TINY
     _TINY.restore()
-    torch.set_num_threads(threads)

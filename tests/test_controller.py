@@ -77,6 +77,18 @@ def test_every_generation_calibrates_anew():
     assert {entry.generation for _, entry in controller.plans.items()} == {2}
 
 
+def test_reused_plans_serve_later_generations_of_the_same_layout():
+    controller = SparseAttentionController(config(reuse_plans=True), total_steps=lambda: 3)
+    run(controller, (900.0, 700.0, 500.0))
+    first = {key: entry.plan for key, entry in controller.plans.items()}
+    run(controller, (900.0, 700.0, 500.0))
+    assert controller.last_stats.calibrations == 0 and controller.last_stats.sparse_calls == 2
+    assert {key: entry.plan for key, entry in controller.plans.items()} == first
+    other = TokenLayout((3, 4, 8), text_len=6, text_first=True)
+    run(controller, (900.0, 700.0, 500.0), layout=other)  # a new layout still calibrates
+    assert controller.last_stats.calibrations == 2
+
+
 def test_a_larger_timestep_without_a_reset_is_a_new_generation():
     controller = SparseAttentionController(config(), total_steps=lambda: 3)
     for t in (900.0, 700.0, 500.0, 900.0):

@@ -78,3 +78,4 @@ def test_unknown_run_length():
         StepSchedule(SparseAttentionConfig(dense_steps=0.25), None)
     with pytest.raises(ValueError, match="dense_last_steps needs the run's total steps"):
         StepSchedule(SparseAttentionConfig(dense_steps=2, dense_last_steps=1), None)
+    assert phases(SparseAttentionConfig(pattern="dense", dense_steps=0.25), None, range(2)) == [D, D]

@@ -32,6 +32,20 @@ def test_sparse_pipeline_runs_sparse_and_its_dense_context_is_the_stock_pipeline
     assert all(0 < d < 1 for row in plan["density"] for d in row)
 
 
+def test_a_failed_call_leaves_no_steps_behind(tiny):
+    case = tiny("hunyuan_video")  # steps from timesteps: a stale clock would swallow the next run's first step
+    sp = SparsePipeline(case.pipe, CONFIG)
+
+    def fail(pipe, i, t, callback_kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        case(sp, callback_on_step_end=fail)
+    out = case(sp)
+    assert [s.step for s in sp.last_stats.steps if s.context == "cond"] == list(range(case.steps))
+    assert torch.equal(out, case(SparsePipeline(case.pipe, CONFIG)))
+
+
 def test_new_resolution_or_frame_count_calibrates_anew(tiny):
     case = tiny("wan")
     sp = SparsePipeline(case.pipe, CONFIG)
