@@ -20,7 +20,7 @@ import torch
 
 from dit_sparse import SparseAttentionConfig
 
-from .machine import load_average, machine_info
+from .machine import OtherCpuUse, machine_info
 from .metrics import lpips_status
 from .models import GenerationSettings, load_model
 from .plots import density_figure, mask_figure, save_figure, speedup_vs_psnr_figure
@@ -60,15 +60,16 @@ class EvalRequest:
 
 def evaluate(request: EvalRequest) -> dict[str, Any]:
     """Run ``request`` and write every output under ``request.out``; returns the results."""
-    load_before = load_average()
     vbench_plan = plan_vbench(request.vbench_dimensions, request.vbench_python)
     lpips = lpips_status()
     model = load_model(request.model, request.device, request.dtype)
     out = request.out
     out.mkdir(parents=True, exist_ok=True)
-    run = run_evaluation(model, request.configs, request.prompts, request.settings, request.warmup, request.repeats,
-                         plans_dir=out / "plans" if request.save_plans else None, mask_layer=request.mask_layer)
-    machine = machine_info(request.device) | {"load_before": load_before, "load_after": load_average()}
+    with OtherCpuUse() as other:
+        run = run_evaluation(model, request.configs, request.prompts, request.settings, request.warmup,
+                             request.repeats, plans_dir=out / "plans" if request.save_plans else None,
+                             mask_layer=request.mask_layer)
+    machine = machine_info(request.device) | {"other_cores": other.cores}
     folders = _write_videos(run, out / "videos", request.fps)
     vbench = _vbench_scores(run, vbench_plan, folders, out, request.device)
     results = build_results(run, machine, lpips, vbench)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -36,20 +37,47 @@ def machine_info(device: torch.device) -> dict[str, str | int]:
     return info
 
 
-def load_average() -> float | None:
-    """The 1-minute load average (runnable processes; compare with the core count), where the OS has one."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+class OtherCpuUse:
+    """How much CPU other processes used while a block ran (``with``), from the system-wide and
+    this process's CPU times: ``cores`` is their average number of busy cores.
+
+    Example::
+
+        >>> with OtherCpuUse() as other:
+        ...     sum(range(10**6))
+        499999500000
+        >>> other.cores >= 0.0
+        True
+    """
+
+    def __enter__(self) -> OtherCpuUse:
+        self._start = _cpu_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall, busy, own = (end - start for start, end in zip(self._start, _cpu_seconds()))
+        self.cores = max(0.0, busy - own) / wall if wall > 0 else 0.0
+
+
+def _cpu_seconds() -> tuple[float, float, float]:
+    """(wall clock, CPU seconds all processes have used, CPU seconds this process has used)."""
+    import psutil
+
+    times = psutil.cpu_times()
+    busy = sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
+    own = psutil.Process().cpu_times()
+    return time.perf_counter(), busy, own.user + own.system
 
 
 def describe_machine(info: dict[str, str | int]) -> str:
-    """One line for a report, from :func:`machine_info` (plus ``load_before`` / ``load_after``
-    1-minute load averages when a measurement recorded them)."""
-    parts = [f"CPU {info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads)"]
+    """One line for a report, from :func:`machine_info` (plus ``other_cores``, the CPU other
+    processes used during the timed runs, when a measurement recorded it)."""
+    parts = [f"CPU {info['cpu']} ({info['cpu_count']} cores, torch threads: {info['torch_threads']})"]
     if "gpu" in info:
         parts.append(f"GPU {info['gpu']} (CUDA {info['cuda']})")
     parts.append(f"torch {info['torch']}, diffusers {info['diffusers']}, Python {info['python']}")
-    if info.get("load_before") is not None:
-        parts.append(f"load average {info['load_before']:.2f} at the start, {info['load_after']:.2f} after the timed runs")
+    if "other_cores" in info:
+        parts.append(f"other processes used {info['other_cores']:.2f} cores on average during the timed runs")
     return "; ".join(parts)
 
 

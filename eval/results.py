@@ -24,6 +24,7 @@ from .metrics import LpipsStatus, compare_videos, mean_over_prompts, temporal_fl
 from .runner import EvalRun, VariantRun
 from .sparse_stats import summarize_sparse_run
 
+BUSY_CORES = 0.2  # other processes' average CPU use (in cores) above which timings carry a warning
 RANDOM_WEIGHTS_NOTE = (
     "The model has random weights: its fidelity figures test the mechanism (how far sparse attention moves "
     "the output from dense attention), not visual quality."
@@ -101,14 +102,13 @@ def own_flicker_scores(run: EvalRun) -> dict[str, float]:
 
 
 def _busy_machine_notes(machine: dict[str, Any]) -> list[str]:
-    """A warning when other work competed for the CPU: the load average when the evaluation started
-    plus this run's threads exceeded the cores."""
-    load = machine.get("load_before")
-    if load is None or load + machine["torch_threads"] <= machine["cpu_count"] + 0.5:
+    """A warning when other processes used a noticeable share of the CPU during the timed runs."""
+    other = machine.get("other_cores", 0.0)
+    if other < BUSY_CORES:
         return []
-    return [f"The machine was busy (load average {load:.2f} when the evaluation started, {machine['cpu_count']} cores, "
-            f"{machine['torch_threads']} torch threads): timings include contention from other work. On a shared "
-            f"machine, --threads 1 gives steadier CPU timings."]
+    note = (f"Other processes used {other:.2f} of the {machine['cpu_count']} cores on average during the timed runs: "
+            f"the timings include their contention.")
+    return [note + (" On a shared machine, --threads 1 gives steadier CPU timings." if machine["torch_threads"] > 1 else "")]
 
 
 def _variant_timing(variant: VariantRun) -> dict[str, Any]:
