@@ -94,7 +94,7 @@ def _write_videos(run: EvalRun, root: Path, fps: int) -> dict[str, Path]:
         for index, generation in enumerate(variant.generations):
             write_video(generation.frames, folders[variant.name] / f"{index}.mp4", fps)
     for variant in run.sparse:
-        for index, (dense, sparse) in enumerate(zip(run.dense.generations, variant.generations)):
+        for index, (dense, sparse) in enumerate(zip(run.dense.generations, variant.generations, strict=True)):
             write_video(side_by_side(dense.frames, sparse.frames), root / "side_by_side" / variant.name / f"{index}.mp4", fps)
     return folders
 
@@ -115,7 +115,7 @@ def _write_plots(run: EvalRun, results: dict[str, Any], root: Path) -> dict[str,
     """Every figure as a PNG; returns ``title -> path relative to the output folder``."""
     figures = {"speedup against PSNR": (speedup_vs_psnr_figure(
         [(c["label"], c["fidelity"]["psnr_frame_mean"], c["speedup"]) for c in results["configs"]]), "speedup_vs_psnr.png")}
-    for variant, config in zip(run.sparse, results["configs"]):
+    for variant, config in zip(run.sparse, results["configs"], strict=True):
         figures[f"density per layer and step: {variant.label}"] = (
             density_figure(np.asarray(config["density_per_step_layer"]), variant.label), f"density_{variant.name}.png")
         for (transformer, context), masks in variant.block_masks.items():

@@ -68,7 +68,7 @@ def build_results(run: EvalRun, machine: dict[str, Any], lpips: LpipsStatus, vbe
         timing = _variant_timing(variant)
         summaries = [summarize_sparse_run(g.stats, run.self_attention_flops) for g in variant.generations]
         fidelity = [compare_videos(d.frames, s.frames, with_lpips=lpips.available)
-                    for d, s in zip(run.dense.generations, variant.generations)]
+                    for d, s in zip(run.dense.generations, variant.generations, strict=True)]
         results["configs"].append({
             "name": variant.name,
             "label": variant.label,
