@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,7 @@ def density_figure(density: np.ndarray, title: str) -> Figure:
     ax.set_ylabel("self-attention layer")
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_title(f"Attention density per layer and step: {title}")
+    ax.set_title(textwrap.fill(f"Attention density per layer and step: {title}", width=70), fontsize=10)
     fig.colorbar(image, ax=ax, label="density (1 = dense)")
     return fig
 
@@ -73,7 +74,7 @@ def mask_figure(masks: np.ndarray, title: str) -> Figure:
         ax.set_xlabel("key block", fontsize=8)
         ax.set_ylabel("query block", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, width=int(45 * cols)), fontsize=10)
     return fig
 
 
