@@ -56,7 +56,8 @@ class AttentionTimer:
         for component, model in denoisers(pipe).items():
             modules = attention_modules(model)
             self_attention = [name for name, module in modules.items() if not is_cross_attention(module)]
-            self._layers.update({f"{component}.{name}": (component, layer) for layer, name in enumerate(self_attention)})
+            self._layers.update({f"{component}.{name}": (component, layer)
+                                 for layer, name in enumerate(self_attention)})
             self._modules.update({f"{component}.{name}": module for name, module in modules.items()})
         if not self._modules:
             raise ValueError(f"found no diffusers attention modules in {type(pipe).__name__}; cannot time attention")

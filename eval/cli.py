@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     print(format_terminal(results))
-    print(f"\nwrote {request.out / 'results.md'}, {request.out / 'results.json'}, videos/ and plots/ under {request.out}")
+    print(f"\nwrote results.md, results.json, videos/ and plots/ under {request.out}")
     return 0
 
 

@@ -29,7 +29,9 @@ def parse_dense_steps(text: str) -> int | float:
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"dense steps must be a step count (2) or a fraction of the run (0.25), got {text!r}") from None
+        raise ValueError(
+            f"dense steps must be a step count (2) or a fraction of the run (0.25), got {text!r}"
+        ) from None
 
 
 def config_grid(
@@ -43,7 +45,9 @@ def config_grid(
     ``dense_layers`` ``None`` keeps the config's default."""
     budgets = [{"density": d} for d in densities] + [{"top_p": p} for p in top_ps]
     if not patterns or not budgets or not dense_steps:
-        raise ValueError("a config grid needs at least one pattern, one budget (--densities or --top-p) and one --dense-steps")
+        raise ValueError(
+            "a config grid needs at least one pattern, one budget (--densities or --top-p) and one --dense-steps"
+        )
     extra = {} if dense_layers is None else {"dense_layers": dense_layers}
     return [SparseAttentionConfig(pattern=pattern, dense_steps=steps, **budget, **extra)
             for pattern, budget, steps in product(patterns, budgets, dense_steps)]

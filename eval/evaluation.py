@@ -94,32 +94,39 @@ def _write_videos(run: EvalRun, root: Path, fps: int) -> dict[str, Path]:
         for index, generation in enumerate(variant.generations):
             write_video(generation.frames, folders[variant.name] / f"{index}.mp4", fps)
     for variant in run.sparse:
-        for index, (dense, sparse) in enumerate(zip(run.dense.generations, variant.generations, strict=True)):
-            write_video(side_by_side(dense.frames, sparse.frames), root / "side_by_side" / variant.name / f"{index}.mp4", fps)
+        pairs = zip(run.dense.generations, variant.generations, strict=True)
+        for index, (dense, sparse) in enumerate(pairs):
+            path = root / "side_by_side" / variant.name / f"{index}.mp4"
+            write_video(side_by_side(dense.frames, sparse.frames), path, fps)
     return folders
 
 
-def _vbench_scores(run: EvalRun, plan: VBenchPlan, folders: dict[str, Path], out: Path, device: torch.device) -> VBenchScores:
-    skipped = dict(plan.skipped)
+def _vbench_scores(
+    run: EvalRun, plan: VBenchPlan, folders: dict[str, Path], out: Path, device: torch.device
+) -> VBenchScores:
     if run.dense.generations[0].frames.shape[0] < 2:
-        return VBenchScores({}, "", skipped | {ALWAYS_RUN: "skipped: the model makes images; flickering needs a video"})
+        images = "skipped: the model makes images; VBench scores videos"
+        return VBenchScores({}, "", plan.skipped | {dim: images for dim in [*plan.runnable, ALWAYS_RUN]})
     prompts = {f"{index}.mp4": prompt for index, prompt in enumerate(run.prompts)}
     scores = score_folders(plan, folders, prompts, out / "vbench", device.type)
     if ALWAYS_RUN not in plan.runnable:
         for variant, flicker in own_flicker_scores(run).items():
             scores[variant][ALWAYS_RUN] = flicker
-    return VBenchScores(scores, plan.flicker_source, skipped)
+    return VBenchScores(scores, plan.flicker_source, dict(plan.skipped))
 
 
 def _write_plots(run: EvalRun, results: dict[str, Any], root: Path) -> dict[str, str]:
-    """Every figure as a PNG; returns ``title -> path relative to the output folder``."""
-    figures = {"speedup against PSNR": (speedup_vs_psnr_figure(
-        [(c["label"], c["fidelity"]["psnr_frame_mean"], c["speedup"]) for c in results["configs"]]), "speedup_vs_psnr.png")}
+    """Every figure as a PNG under ``root``; returns ``title -> path relative to the output folder``."""
+    points = [(c["label"], c["fidelity"]["psnr_frame_mean"], c["speedup"]) for c in results["configs"]]
+    figures = {"speedup against PSNR": (speedup_vs_psnr_figure(points), "speedup_vs_psnr.png")}
     for variant, config in zip(run.sparse, results["configs"], strict=True):
+        density = np.asarray(config["density_per_step_layer"])
         figures[f"density per layer and step: {variant.label}"] = (
-            density_figure(np.asarray(config["density_per_step_layer"]), variant.label), f"density_{variant.name}.png")
+            density_figure(density, variant.label), f"density_{variant.name}.png")
         for (transformer, context), masks in variant.block_masks.items():
-            title = f"{variant.label}: {transformer} layer {run.mask_layer}, {context}"
-            figures[f"block masks, {title}"] = (mask_figure(masks, title),
-                                                f"masks_{variant.name}_{transformer}_layer{run.mask_layer}_{context}.png")
-    return {title: str(save_figure(fig, root / name).relative_to(root.parent)) for title, (fig, name) in figures.items()}
+            where = f"{transformer} layer {run.mask_layer}, {context}"
+            figures[f"block masks, {variant.label}: {where}"] = (
+                mask_figure(masks, f"{variant.label}: {where}"),
+                f"masks_{variant.name}_{transformer}_layer{run.mask_layer}_{context}.png")
+    written = {title: save_figure(fig, root / name) for title, (fig, name) in figures.items()}
+    return {title: str(path.relative_to(root.parent)) for title, path in written.items()}

@@ -83,7 +83,9 @@ def ssim(dense: np.ndarray, sparse: np.ndarray) -> float:
     """Mean SSIM over frames (11x11 Gaussian window, sigma 1.5, data range 1)."""
     target, preds = _frames_pair(dense, sparse)
     if min(target.shape[-2:]) < SSIM_WINDOW:
-        raise ValueError(f"SSIM needs frames of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got {tuple(target.shape[-2:])}")
+        raise ValueError(
+            f"SSIM needs frames of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got {tuple(target.shape[-2:])}"
+        )
     value = structural_similarity_index_measure(
         preds, target, gaussian_kernel=True, sigma=SSIM_SIGMA, kernel_size=SSIM_WINDOW, data_range=1.0
     )
@@ -121,8 +123,8 @@ def lpips_status() -> LpipsStatus:
     if not weights.is_file():
         return LpipsStatus(
             False,
-            f"skipped: weights not found at {weights}; put torchvision's AlexNet weights ({AlexNet_Weights.DEFAULT.url}) "
-            f"there (or set TORCH_HOME) to enable LPIPS",
+            f"skipped: weights not found at {weights}; put torchvision's AlexNet weights "
+            f"({AlexNet_Weights.DEFAULT.url}) there (or set TORCH_HOME) to enable LPIPS",
         )
     return LpipsStatus(True, f"LPIPS ({LPIPS_NET}) with backbone weights from {weights}")
 
@@ -187,5 +189,9 @@ def mean_over_prompts(values: list[float | None]) -> float | None:
 
 def _frames_pair(dense: np.ndarray, sparse: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     check_same_video_shape(dense, sparse)
-    as_tensor = lambda video: torch.from_numpy(np.ascontiguousarray(video, dtype=np.float64)).permute(0, 3, 1, 2)  # noqa: E731
-    return as_tensor(dense), as_tensor(sparse)
+    return _frames_tensor(dense), _frames_tensor(sparse)
+
+
+def _frames_tensor(video: np.ndarray) -> torch.Tensor:
+    """``(F, H, W, C)`` frames as a float64 ``(F, C, H, W)`` batch."""
+    return torch.from_numpy(np.ascontiguousarray(video, dtype=np.float64)).permute(0, 3, 1, 2)

@@ -58,8 +58,8 @@ class EvalModel:
 
     def resolve(self, settings: GenerationSettings) -> GenerationSettings:
         """``settings`` with the model's defaults filled in where ``settings`` leaves ``None``."""
-        filled = {name: getattr(self.defaults, name) for name in ("steps", "frames", "height", "width", "guidance_scale")
-                  if getattr(settings, name) is None}
+        names = ("steps", "frames", "height", "width", "guidance_scale")
+        filled = {name: getattr(self.defaults, name) for name in names if getattr(settings, name) is None}
         return replace(settings, **filled)
 
     def call_kwargs(self, prompt: str, settings: GenerationSettings) -> dict[str, Any]:
@@ -80,12 +80,12 @@ class EvalModel:
     def _prompt_inputs(self, prompt: str, settings: GenerationSettings) -> dict[str, Any]:
         if self.offline_spec is None:
             return {"prompt": prompt}
-        device, dtype = self.pipe.transformer.device, self.pipe.transformer.dtype
-        embed = lambda text: offline_prompt_embeds(text, self.offline_spec, settings.seed).to(device, dtype)  # noqa: E731
-        inputs = {"prompt_embeds": embed(prompt)}
+        texts = {"prompt_embeds": prompt}
         if settings.guidance_scale is not None and settings.guidance_scale > 1.0:
-            inputs["negative_prompt_embeds"] = embed("")
-        return inputs
+            texts["negative_prompt_embeds"] = ""
+        device, dtype = self.pipe.transformer.device, self.pipe.transformer.dtype
+        return {name: offline_prompt_embeds(text, self.offline_spec, settings.seed).to(device, dtype)
+                for name, text in texts.items()}
 
 
 def load_model(model: str | None, device: torch.device, dtype: torch.dtype) -> EvalModel:

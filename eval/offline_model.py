@@ -64,7 +64,8 @@ class OfflineWanSpec:
         """Video tokens per transformer call for a video of this size."""
         latent_frames = (frames - 1) // self.vae_scale_temporal + 1
         pt, ph, pw = self.patch_size
-        return (latent_frames // pt) * (height // self.vae_scale_spatial // ph) * (width // self.vae_scale_spatial // pw)
+        rows, cols = height // self.vae_scale_spatial // ph, width // self.vae_scale_spatial // pw
+        return (latent_frames // pt) * rows * cols
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -86,8 +86,8 @@ def _header(results: dict[str, Any]) -> list[str]:
     return [
         f"model: {results['model']['name']}",
         f"machine: {describe_machine(results['machine'])}",
-        f"video: {frames} frames of {height}x{width}, {s['steps']} steps, guidance {s['guidance_scale']}, seed {s['seed']}, "
-        f"{len(results['prompts'])} prompt(s), {s['device']} {s['dtype']}",
+        f"video: {frames} frames of {height}x{width}, {s['steps']} steps, guidance {s['guidance_scale']}, "
+        f"seed {s['seed']}, {len(results['prompts'])} prompt(s), {s['device']} {s['dtype']}",
         f"timing: median of {s['repeats']} timed run(s) per prompt after {s['warmup']} warm-up run(s) per variant",
     ]
 
@@ -110,7 +110,7 @@ def _vbench_lines(results: dict[str, Any]) -> list[str]:
         return []
     variants = [("dense", results["dense"])] + [(c["label"], c) for c in results["configs"]]
     lines = ["| variant | " + " | ".join(dims) + " |", "|---|" + "---|" * len(dims)]
-    lines += ["| " + name + " | " + " | ".join(_num(v["vbench"].get(d), 4) for d in dims) + " |" for name, v in variants]
+    lines += [f"| {name} | " + " | ".join(_num(v["vbench"].get(d), 4) for d in dims) + " |" for name, v in variants]
     return lines
 
 

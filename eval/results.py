@@ -56,7 +56,8 @@ def build_results(run: EvalRun, machine: dict[str, Any], lpips: LpipsStatus, vbe
         "settings": asdict(run.settings) | {
             "warmup": run.warmup, "repeats": run.repeats, "mask_layer": run.mask_layer,
             "frames_shape": list(run.dense.generations[0].frames.shape),
-            "device": str(model.pipe.transformer.device), "dtype": str(model.pipe.transformer.dtype).removeprefix("torch."),
+            "device": str(model.pipe.transformer.device),
+            "dtype": str(model.pipe.transformer.dtype).removeprefix("torch."),
         },
         "prompts": run.prompts,
         "dense": dense | {"vbench": vbench.scores.get(run.dense.name, {})},
@@ -108,7 +109,9 @@ def _busy_machine_notes(machine: dict[str, Any]) -> list[str]:
         return []
     note = (f"Other processes used {other:.2f} of the {machine['cpu_count']} cores on average during the timed runs: "
             f"the timings include their contention.")
-    return [note + (" On a shared machine, --threads 1 gives steadier CPU timings." if machine["torch_threads"] > 1 else "")]
+    if machine["torch_threads"] > 1:
+        note += " On a shared machine, --threads 1 gives steadier CPU timings."
+    return [note]
 
 
 def _variant_timing(variant: VariantRun) -> dict[str, Any]:

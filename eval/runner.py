@@ -126,7 +126,9 @@ def run_evaluation(
     layers = sorted({layer for _, layer in timer.self_attention_layers.values()})
     mask_layer = layers[len(layers) // 2] if mask_layer is None else mask_layer
     if mask_layer not in layers:
-        raise ValueError(f"--mask-layer {mask_layer} does not exist: the model has self-attention layers 0..{layers[-1]}")
+        raise ValueError(
+            f"--mask-layer {mask_layer} does not exist: the model has self-attention layers 0..{layers[-1]}"
+        )
     model.pipe.set_progress_bar_config(leave=False, position=1)
     total = (1 + len(configs)) * (warmup + repeats * len(prompts))
     with tqdm(total=total, desc="generations", position=0) as bar, timer:

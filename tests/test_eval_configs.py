@@ -7,10 +7,11 @@ from dit_sparse.eval.configs import config_grid, config_slug, load_config_file, 
 
 
 def test_grid_is_patterns_by_budgets_by_dense_steps():
-    grid = config_grid(["radial", "adaptive"], densities=[0.1, 0.2], top_ps=[0.9], dense_steps=[2, 0.25], dense_layers=())
+    patterns, budgets, steps = ("radial", "adaptive"), ((0.1, None), (0.2, None), (None, 0.9)), (2, 0.25)
+    grid = config_grid(list(patterns), densities=[0.1, 0.2], top_ps=[0.9], dense_steps=list(steps), dense_layers=())
     assert len(grid) == 2 * 3 * 2
     assert {(c.pattern, c.density, c.top_p, c.dense_steps) for c in grid} == {
-        (p, d, t, s) for p in ("radial", "adaptive") for d, t in ((0.1, None), (0.2, None), (None, 0.9)) for s in (2, 0.25)
+        (p, d, t, s) for p in patterns for d, t in budgets for s in steps
     }
     assert all(c.dense_layers == () for c in grid)
     assert len({config_slug(i, c) for i, c in enumerate(grid)}) == len(grid)

@@ -87,8 +87,9 @@ def test_lpips_is_skipped_with_the_missing_weights_path_named(monkeypatch, tmp_p
 
     status = metrics.lpips_status()
     assert not status.available
-    assert f"skipped: weights not found at {tmp_path / 'hub' / 'checkpoints' / 'alexnet-owt-7be5be79.pth'}" in status.reason
+    weights = tmp_path / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    assert f"skipped: weights not found at {weights}" in status.reason
 
-    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth").write_bytes(b"")
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"")
     assert metrics.lpips_status().available

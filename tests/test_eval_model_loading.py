@@ -24,7 +24,8 @@ def save_tiny_wan_with_text_encoder(folder) -> None:
 
     backend = Tokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
     backend.pre_tokenizer = Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                        eos_token="</s>")
     torch.manual_seed(0)
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS), d_model=32, d_kv=8, d_ff=64, num_layers=1,
                                                num_heads=4, relative_attention_num_buckets=8))
@@ -81,9 +82,9 @@ def test_frames_on_an_image_pipeline_are_refused():
 
 def test_the_cli_runs_unchanged_on_a_saved_pipeline(saved_tiny_wan, tmp_path):
     out = tmp_path / "eval-out"
-    code = main(["--model", str(saved_tiny_wan), "--prompts", "a red fox in the snow", "--frames", "9", "--height", "32",
-                 "--width", "32", "--steps", "3", "--guidance-scale", "1", "--patterns", "adaptive", "--dense-steps", "1",
-                 "--densities", "0.5", "--out", str(out)])
+    code = main(["--model", str(saved_tiny_wan), "--prompts", "a red fox in the snow",
+                 "--frames", "9", "--height", "32", "--width", "32", "--steps", "3", "--guidance-scale", "1",
+                 "--patterns", "adaptive", "--dense-steps", "1", "--densities", "0.5", "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["model"] == {"name": str(saved_tiny_wan), "random_weights": False, "offline_spec": None}

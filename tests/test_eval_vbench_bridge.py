@@ -77,7 +77,8 @@ def test_bad_dimension_names_are_clear_errors():
 def test_missing_weights_skip_their_dimension_and_vbench_scores_the_rest(fake_vbench, tmp_path):
     plan = vbench_bridge.plan_vbench(["motion_smoothness"])
     assert plan.version == "0.0.1" and plan.runnable == ["temporal_flickering"]
-    assert plan.skipped["motion_smoothness"].startswith(f"skipped: weights not found at {fake_vbench / 'amt_model' / 'amt-s.pth'}")
+    missing = fake_vbench / "amt_model" / "amt-s.pth"
+    assert plan.skipped["motion_smoothness"].startswith(f"skipped: weights not found at {missing}")
 
     # A smooth video (brightness ramp) survives H.264 well enough to compare with the raw frames.
     ramp = np.linspace(0.2, 0.6, 9)[:, None, None, None] * np.ones((9, 32, 32, 3))
