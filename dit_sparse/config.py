@@ -112,6 +112,28 @@ class SparseAttentionConfig:
         side = 1 << (bits // 2)
         return (1 << (bits % 2), side, side)
 
+    def tile_for(self, grid: tuple[int, int, int]) -> tuple[int, int, int]:
+        """The tile shape for a ``(T, H, W)`` grid: ``tile_shape`` when set, else a tile of one key
+        block's volume fitted to the grid. An image (``T = 1``) gets a flat tile (128 -> 1x8x16);
+        a dimension smaller than the tile shrinks it and the volume moves to the other dimensions.
+
+        Example::
+
+            >>> config = SparseAttentionConfig(block_size=128)
+            >>> config.tile_for((21, 30, 52)), config.tile_for((1, 64, 64)), config.tile_for((5, 4, 4))
+            ((2, 8, 8), (1, 8, 16), (5, 4, 4))
+        """
+        if self.tile_shape is not None:
+            return self.tile_shape
+        frames, height, width = grid
+        volume = self.block_sizes[1]
+        tile_t = 1 if frames == 1 else min(frames, self.tile[0])
+        spatial = volume // tile_t
+        tile_w = min(width, 1 << (spatial.bit_length() // 2))
+        tile_h = min(height, max(1, spatial // tile_w))
+        tile_t = min(frames, max(tile_t, round(volume / (tile_h * tile_w))))
+        return tile_t, tile_h, tile_w
+
     def num_dense_steps(self, total_steps: int) -> int:
         """Leading dense steps for a run of ``total_steps`` (a fraction rounds down, to at least 1)."""
         if isinstance(self.dense_steps, float):
