@@ -37,6 +37,10 @@ class SparseAttentionConfig:
         backend: attention backend (see :func:`dit_sparse.sparse_attention`).
         per_context_plans: separate plans for the conditional and unconditional CFG passes.
         seed: seed of the semantic clustering.
+        query_clusters, key_clusters: k-means clusters of each head's video queries and keys for the
+            semantic family; ``None`` scales them with the video (one per 256 queries and one per 64
+            keys, SVG2's ratio at 720p).
+        kmeans_iters: Lloyd iterations of that clustering.
 
     Example::
 
@@ -60,6 +64,9 @@ class SparseAttentionConfig:
     backend: str = "auto"
     per_context_plans: bool = True
     seed: int = 0
+    query_clusters: int | None = None
+    key_clusters: int | None = None
+    kmeans_iters: int = 10
 
     def __post_init__(self) -> None:
         if self.pattern not in PATTERNS:
@@ -96,6 +103,10 @@ class SparseAttentionConfig:
         _check_fraction("min_recall", self.min_recall, allow_zero=True)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        for name in ("query_clusters", "key_clusters"):
+            if getattr(self, name) is not None:
+                _check_count(f"{name} (or None to scale it with the video)", getattr(self, name), minimum=1)
+        _check_count("kmeans_iters", self.kmeans_iters, minimum=1)
 
     @property
     def block_sizes(self) -> tuple[int, int]:
@@ -160,9 +171,9 @@ def _check_fraction(name: str, value: float | None, allow_zero: bool = False) ->
         raise ValueError(f"{name} must lie in {'[0' if allow_zero else '(0'}, 1], got {value!r}")
 
 
-def _check_count(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+def _check_count(name: str, value: int, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _index_tuple(name: str, value) -> tuple[int, ...]:

@@ -18,7 +18,9 @@ def test_dense_steps(dense_steps, total, expected):
 
 
 def test_round_trip_through_dict():
-    c = SparseAttentionConfig(pattern="radial", alpha=2.0, exponent=0.6, dense_layers=(0, 3), block_size=(128, 64))
+    c = SparseAttentionConfig(
+        pattern="radial", alpha=2.0, exponent=0.6, dense_layers=(0, 3), block_size=(128, 64), key_clusters=100, kmeans_iters=4
+    )
     assert SparseAttentionConfig.from_dict(c.to_dict()) == c
 
 
@@ -42,6 +44,9 @@ def test_round_trip_through_dict():
         ({"tile_shape": (1, 8)}, "tile_shape"),
         ({"min_recall": 1.2}, "min_recall"),
         ({"backend": "cuda"}, "backend must be one of"),
+        ({"query_clusters": 0}, "query_clusters"),
+        ({"key_clusters": 2.5}, "key_clusters"),
+        ({"kmeans_iters": 0}, "kmeans_iters must be an int >= 1"),
     ],
 )
 def test_bad_values_are_rejected(kwargs, match):
