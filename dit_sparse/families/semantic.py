@@ -51,7 +51,7 @@ def cluster_heads(
     layout: TokenLayout,
     query_clusters: int | None = None,
     key_clusters: int | None = None,
-    iters: int = 20,
+    iters: int = 10,
     seed: int = 0,
     init: SemanticClustering | None = None,
 ) -> SemanticClustering:
