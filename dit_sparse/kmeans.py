@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_SCORES = 1 << 20
+CHUNK_SCORES = 1 << 22
 SEEDING_POINTS_PER_CLUSTER = 8
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_SCORES = 1 << 20
+CHUNK_SCORES = 1 << 22
 
 
 def block_mass_torch(
