@@ -14,7 +14,7 @@ def peak_kib():
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 layout = TokenLayout((1, 128, 130))
 assert layout.seq_len == {SEQ_LEN}
 g = torch.Generator().manual_seed(0)
