@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .plan import BlockSparsePlan
@@ -51,10 +53,33 @@ def sparse_attention(
     qp = _to_plan_order(q, plan, "q")
     kp = _to_plan_order(k, plan, "kv")
     vp = _to_plan_order(v, plan, "kv")
-    valid = plan.layout.key_valid_len(batch)
+    return _from_plan_order(attention_in_plan_order(qp, kp, vp, plan, name, scale), plan)
+
+
+def attention_in_plan_order(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockSparsePlan,
+    backend: str = "auto",
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The block-sparse kernel alone: what :func:`sparse_attention` runs between its token gathers.
+
+    Args:
+        q, k, v: ``[B, H, S, D]``, already gathered into the plan's query and key orders.
+        plan, scale: as for :func:`sparse_attention`.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"flex"``.
+
+    Returns ``[B, H, S, D]`` in the plan's query order.
+    """
+    name = resolve_backend(backend, q.device)
+    if name not in _KERNELS:
+        raise ValueError(f"backend {name!r} works in the original token order; use sparse_attention")
+    plan = plan.to(q.device)
+    valid = plan.layout.key_valid_len(q.shape[0])
     valid = None if valid is None else valid.to(q.device)
-    out = _KERNELS[name](qp, kp, vp, plan, valid, scale)
-    return _from_plan_order(out, plan)
+    return _KERNELS[name](q, k, v, plan, valid, scale)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -143,20 +168,46 @@ def _from_plan_order(out: torch.Tensor, plan: BlockSparsePlan) -> torch.Tensor:
     return out.reshape(-1, dim).index_select(0, index).view(batch, seq, heads, dim)
 
 
+def _plan_rows(plan: BlockSparsePlan) -> tuple:
+    """The plan's compressed rows, as the kernels take them."""
+    return plan.kv_counts, plan.kv_offsets, plan.kv_indices, plan.block_size_q, plan.block_size_k
+
+
 def _torch_kernel(q, k, v, plan: BlockSparsePlan, valid, scale):
     from dit_sparse.kernels.block_sparse_attention_torch import block_sparse_attention_torch
 
-    return block_sparse_attention_torch(
-        q, k, v, plan.kv_counts, plan.kv_offsets, plan.kv_indices, plan.block_size_q, plan.block_size_k,
-        kv_valid_len=valid, scale=scale,
+    return block_sparse_attention_torch(q, k, v, *_plan_rows(plan), kv_valid_len=valid, scale=scale)
+
+
+def _triton_kernel(q, k, v, plan: BlockSparsePlan, valid, scale):
+    from dit_sparse.kernels.block_sparse_attention_triton import (
+        block_sparse_attention_triton,
+        heavy_first_row_order,
     )
 
-
-def _unavailable(name: str):
-    def kernel(*_args, **_kwargs):
-        raise NotImplementedError(f"the {name!r} attention backend is not available in this build")
-
-    return kernel
+    batch = q.shape[0]
+    rows = plan.cached(("row_order", batch), lambda: heavy_first_row_order(plan.kv_counts, batch))
+    return block_sparse_attention_triton(q, k, v, *_plan_rows(plan), kv_valid_len=valid, scale=scale, row_order=rows)
 
 
-_KERNELS = {"torch": _torch_kernel, "triton": _unavailable("triton"), "flex": _unavailable("flex")}
+def _flex_kernel(q, k, v, plan: BlockSparsePlan, valid, scale):
+    """FlexAttention with the plan's ``BlockMask`` (which carries the valid key lengths itself);
+    rows with no key come out as zeros. Compiled FlexAttention needs tiles that divide the mask's
+    blocks: blocks under its default 128 get tiles of their own size."""
+    batch = q.shape[0]
+    block_mask = plan.cached(("valid", "flex_block_mask", batch), lambda: plan.to_flex_block_mask(batch))
+    bq, bk = plan.block_size_q, plan.block_size_k
+    options = None if min(bq, bk) >= 128 else {"BLOCK_M": min(bq, 128), "BLOCK_N": min(bk, 128)}
+    return _flex_attention(q.device.type == "cuda")(q, k, v, block_mask=block_mask, scale=scale, kernel_options=options)
+
+
+@functools.cache
+def _flex_attention(compiled: bool):
+    """``flex_attention``, compiled once per process for CUDA; eager elsewhere (the eager path
+    materialises the scores: for small inputs only)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
+_KERNELS = {"torch": _torch_kernel, "triton": _triton_kernel, "flex": _flex_kernel}

@@ -9,6 +9,9 @@ from .attention import BACKENDS
 
 PATTERNS = ("auto", "radial", "spatiotemporal", "semantic", "adaptive", "dense")
 DEFAULT_DENSITY = 0.15
+# The fields a plan depends on: plans saved under one config serve another that agrees on these.
+PLAN_FIELDS = ("pattern", "density", "top_p", "alpha", "exponent", "block_size", "tile_shape", "min_recall",
+               "per_context_plans", "seed", "query_clusters", "key_clusters", "kmeans_iters")
 
 
 @dataclass
@@ -37,6 +40,9 @@ class SparseAttentionConfig:
         backend: attention backend (see :func:`dit_sparse.sparse_attention`).
         per_context_plans: separate plans for the conditional and unconditional CFG passes.
         seed: seed of the semantic clustering.
+        reuse_plans: plans calibrated by an earlier pipeline call at the same layout serve later
+            calls without calibrating again (as loaded plans do). Off by default: every call
+            calibrates its own plans, since data-driven plans depend on the prompt.
         query_clusters, key_clusters: k-means clusters of each head's video queries and keys for the
             semantic family; ``None`` scales them with the video (one per 256 queries and one per 64
             keys, SVG2's ratio at 720p).
@@ -64,6 +70,7 @@ class SparseAttentionConfig:
     backend: str = "auto"
     per_context_plans: bool = True
     seed: int = 0
+    reuse_plans: bool = False
     query_clusters: int | None = None
     key_clusters: int | None = None
     kmeans_iters: int = 10
@@ -103,6 +110,9 @@ class SparseAttentionConfig:
         _check_fraction("min_recall", self.min_recall, allow_zero=True)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        for name in ("per_context_plans", "reuse_plans"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("query_clusters", "key_clusters"):
             if getattr(self, name) is not None:
                 _check_count(f"{name} (or None to scale it with the video)", getattr(self, name), minimum=1)
@@ -153,6 +163,11 @@ class SparseAttentionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def plan_signature(self) -> dict[str, Any]:
+        """The fields plans depend on (JSON-ready); the time fields (dense steps, layers) and the
+        backend are left out."""
+        return {k: v for k, v in self.to_dict().items() if k in PLAN_FIELDS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SparseAttentionConfig:

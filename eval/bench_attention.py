@@ -2,9 +2,17 @@
 
     python -m dit_sparse.eval.bench_attention                       # CPU: 8x32x32 grid, fp32
     python -m dit_sparse.eval.bench_attention --grid 8 32 32 --heads 4 --head-dim 64 --densities 0.1 0.15 0.5 1
+    python -m dit_sparse.eval.bench_attention --preset wan480p      # GPU: the kernels at Wan2.1 480p
+    python -m dit_sparse.eval.bench_attention --preset hunyuan720p  # GPU: ... at HunyuanVideo 720p
 
-Every timing is the median of ``--repeats`` runs after ``--warmup`` runs; speedups are ratios to
-dense SDPA measured in the same process on the same inputs.
+On a GPU the ``wan480p`` and ``hunyuan720p`` presets (the default there is ``wan480p``) time, on one
+plan per density: dense SDPA (flash backend), compiled FlexAttention with the plan's BlockMask and the
+Triton kernel (the ``flex`` and ``triton`` backends on tensors already in plan order), the ``triton``
+backend end to end (with the token gathers), and block-mass calibration of the layer against one
+dense attention; then they check the kernel targets. Without a GPU every preset runs the CPU comparison (``--preset cpu``).
+
+Every timing is the median of ``--repeats`` runs after ``--warmup`` runs (CUDA events on a GPU);
+speedups are ratios to dense SDPA measured in the same process on the same inputs.
 """
 
 from __future__ import annotations
@@ -44,24 +52,40 @@ def random_block_mask(num_blocks: int, heads: int, density: float, seed: int = 0
 
 MASKS = {"band": band_block_mask, "random": random_block_mask}
 
+PRESETS = {
+    "cpu": {"grid": [8, 32, 32], "text_len": 0, "heads": 4, "head_dim": 64, "block_size": 64, "tile": [1, 8, 8],
+            "densities": [0.1, 0.15, 0.2, 0.5, 1.0]},
+    # Wan2.1-1.3B at 480p, 81 frames: 21 x 30 x 52 = 32,760 tokens, 12 heads of 128
+    "wan480p": {"grid": [21, 30, 52], "text_len": 0, "heads": 12, "head_dim": 128, "block_size": 128,
+                "tile": [2, 8, 8], "densities": [1.0, 0.3, 0.15, 0.1]},
+    # HunyuanVideo at 720p, 129 frames: 33 x 45 x 80 = 118,800 video tokens + 256 text, 24 heads of 128
+    "hunyuan720p": {"grid": [33, 45, 80], "text_len": 256, "heads": 24, "head_dim": 128, "block_size": 128,
+                    "tile": [2, 8, 8], "densities": [1.0, 0.3, 0.15, 0.1]},
+}
+GPU_PRESETS = ("wan480p", "hunyuan720p")
+TARGETS = {"dense_throughput": 0.8, "speedup_vs_sdpa": 5.0, "speedup_vs_flex": 1.15, "target_density": 0.15,
+           "calibration_cost": 2.0}
+
 
 def median_time(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> float:
-    """Median wall time of ``fn`` in milliseconds (synchronising the device around each run)."""
+    """Median time of ``fn`` in milliseconds: CUDA events around each run on a GPU, wall time
+    elsewhere."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def describe_machine(device: torch.device) -> str:
@@ -73,15 +97,26 @@ def describe_machine(device: torch.device) -> str:
     )
 
 
+def make_inputs(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """The layout and random ``(1, S, H, D)`` q, k, v of the benchmark's shape."""
+    layout = TokenLayout(tuple(args.grid), args.text_len)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    qkv = [torch.randn(1, layout.seq_len, args.heads, args.head_dim, generator=gen).to(device, dtype) for _ in range(3)]
+    return layout, *qkv
+
+
+def make_plan(args: argparse.Namespace, layout: TokenLayout, density: float, device: torch.device) -> BlockSparsePlan:
+    """The ``--mask`` pattern at ``density`` over the ``--tile`` order (queries and keys alike)."""
+    order = layout.tile_order(tuple(args.tile))
+    mask = MASKS[args.mask](layout.num_blocks(args.block_size), args.heads, density)
+    return BlockSparsePlan.from_block_mask(mask, layout, args.block_size, q_order=order, kv_order=order).to(device)
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    layout = TokenLayout(tuple(args.grid))
+    layout, q, k, v = make_inputs(args, device, dtype)
     seq = layout.seq_len
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (torch.randn(1, seq, args.heads, args.head_dim, generator=gen).to(device, dtype) for _ in range(3))
-    order = layout.tile_order(tuple(args.tile))
-    n_blocks = layout.num_blocks(args.block_size)
 
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     dense_ms = median_time(lambda: F.scaled_dot_product_attention(qt, kt, vt), args.warmup, args.repeats, device)
@@ -89,8 +124,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = [{"backend": "sdpa (dense)", "density": 1.0, "ms": dense_ms, "speedup": 1.0,
              "tflops": flops_dense / dense_ms / 1e9}]
     for density in args.densities:
-        mask = MASKS[args.mask](n_blocks, args.heads, density)
-        plan = BlockSparsePlan.from_block_mask(mask, layout, args.block_size, q_order=order, kv_order=order).to(device)
+        plan = make_plan(args, layout, density, device)
         for backend in args.backends:
             ms = median_time(lambda: sparse_attention(q, k, v, plan, backend=backend), args.warmup, args.repeats, device)
             rows.append({
@@ -100,6 +134,72 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def run_kernels(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """GPU: dense SDPA (flash), compiled FlexAttention, the Triton kernel and the ``triton`` backend on
+    one plan per density, and block-mass calibration; bf16 unless ``--dtype`` says otherwise."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from dit_sparse.attention import attention_in_plan_order
+    from dit_sparse.kernels.block_mass_triton import block_mass_triton
+
+    layout, q, k, v = make_inputs(args, device, getattr(torch, args.dtype or "bfloat16"))
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    flops_dense = 4 * layout.seq_len**2 * args.head_dim * args.heads
+
+    def timed(method: str, density: float, target: float, fn: Callable[[], object]) -> dict:
+        ms = median_time(fn, args.warmup, args.repeats, device)
+        return {"method": method, "target_density": target, "density": density, "ms": ms,
+                "tflops": flops_dense * density / ms / 1e9}
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        sdpa = timed("sdpa flash (dense)", 1.0, 1.0, lambda: F.scaled_dot_product_attention(qt, kt, vt))
+    rows = [sdpa]
+    for target in args.densities:
+        plan = make_plan(args, layout, target, device)
+        density = plan.density()
+        flex_row = timed("flex (compiled)", density, target,
+                         lambda: attention_in_plan_order(qt, kt, vt, plan, backend="flex"))
+        triton_row = timed("triton kernel", density, target,
+                           lambda: attention_in_plan_order(qt, kt, vt, plan, backend="triton"))
+        backend_row = timed("triton backend (with gathers)", density, target,
+                            lambda: sparse_attention(q, k, v, plan, backend="triton"))
+        for row in (flex_row, triton_row, backend_row):
+            row["vs_flex"] = flex_row["ms"] / row["ms"]
+        rows += [flex_row, triton_row, backend_row]
+    block = args.block_size
+    rows.append(timed("block mass (dense pass + mass)", 1.0, 1.0, lambda: block_mass_triton(qt, kt, block, block)))
+    for row in rows:
+        row["vs_sdpa"] = sdpa["ms"] / row["ms"]
+    rows[-1]["tflops"] = None
+    return rows
+
+
+def check_targets(rows: list[dict]) -> list[str]:
+    """One line per kernel target whose measurements are in ``rows``."""
+    def find(method: str, target: float) -> dict | None:
+        return next((r for r in rows if r["method"] == method and r["target_density"] == target), None)
+
+    sdpa = find("sdpa flash (dense)", 1.0)
+    checks = []
+    dense = find("triton kernel", 1.0)
+    if dense:
+        checks.append(("Triton throughput at density 1.0 / SDPA's", dense["tflops"] / sdpa["tflops"],
+                       ">=", TARGETS["dense_throughput"]))
+    sparse = find("triton kernel", TARGETS["target_density"])
+    if sparse:
+        checks.append((f"Triton speedup over dense SDPA at density {TARGETS['target_density']}",
+                       sparse["vs_sdpa"], ">=", TARGETS["speedup_vs_sdpa"]))
+        checks.append((f"Triton speedup over FlexAttention at density {TARGETS['target_density']}",
+                       sparse["vs_flex"], ">=", TARGETS["speedup_vs_flex"]))
+    mass = find("block mass (dense pass + mass)", 1.0)
+    checks.append(("block-mass calibration time / one dense SDPA", 1 / mass["vs_sdpa"], "<=",
+                   TARGETS["calibration_cost"]))
+    return [
+        f"{name}: {value:.2f} (target {op} {goal}) {'met' if (value >= goal if op == '>=' else value <= goal) else 'MISSED'}"
+        for name, value, op, goal in checks
+    ]
+
+
 def format_table(rows: list[dict]) -> str:
     lines = ["| backend | density | ms | speedup vs dense SDPA | effective TFLOP/s |", "|---|---|---|---|---|"]
     for r in rows:
@@ -107,14 +207,29 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_kernel_table(rows: list[dict]) -> str:
+    lines = [
+        "| method | density | ms | effective TFLOP/s | speedup vs dense SDPA | speedup vs FlexAttention |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        tflops = "-" if r["tflops"] is None else f"{r['tflops']:.1f}"
+        vs_flex = f"{r['vs_flex']:.2f}x" if "vs_flex" in r else "-"
+        lines.append(f"| {r['method']} | {r['density']:.3f} | {r['ms']:.2f} | {tflops} | {r['vs_sdpa']:.2f}x | {vs_flex} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", type=int, nargs=3, default=[8, 32, 32], metavar=("T", "H", "W"))
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--tile", type=int, nargs=3, default=[1, 8, 8])
-    parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.15, 0.2, 0.5, 1.0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="shape and densities (explicit flags override); default: wan480p on a GPU, cpu elsewhere")
+    parser.add_argument("--grid", type=int, nargs=3, metavar=("T", "H", "W"))
+    parser.add_argument("--text-len", type=int)
+    parser.add_argument("--heads", type=int)
+    parser.add_argument("--head-dim", type=int)
+    parser.add_argument("--block-size", type=int)
+    parser.add_argument("--tile", type=int, nargs=3)
+    parser.add_argument("--densities", type=float, nargs="+")
     parser.add_argument("--mask", choices=sorted(MASKS), default="band")
     parser.add_argument("--backends", nargs="+", default=["torch"])
     parser.add_argument("--device", default=None)
@@ -125,12 +240,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    preset = args.preset or ("wan480p" if device.type == "cuda" else "cpu")
     if device.type != "cuda":
+        if preset in GPU_PRESETS:
+            print(f"No GPU: the {preset} preset times the GPU kernels; running the CPU comparison instead.")
+            preset = "cpu"
         print("No GPU: timing the CPU path (PyTorch backend against dense SDPA).")
-    rows = run(args)
-    print(f"grid {tuple(args.grid)} = {TokenLayout(tuple(args.grid)).seq_len} tokens, {args.heads} heads, "
+    parser.set_defaults(**PRESETS[preset])
+    args = parser.parse_args(argv)
+    layout = TokenLayout(tuple(args.grid), args.text_len)
+    print(f"grid {tuple(args.grid)} + {args.text_len} text = {layout.seq_len} tokens, {args.heads} heads, "
           f"head dim {args.head_dim}, blocks of {args.block_size}, {args.mask} mask; {describe_machine(device)}")
-    print(format_table(rows))
+    if preset in GPU_PRESETS:
+        rows = run_kernels(args, device)
+        print(format_kernel_table(rows))
+        print("\n".join(check_targets(rows)))
+    else:
+        rows = run(args)
+        print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": describe_machine(device), "args": vars(args), "rows": rows}, f, indent=2)

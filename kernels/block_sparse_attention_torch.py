@@ -15,6 +15,10 @@ Layouts (all tensors contiguous, the sequence already in the plan's token order)
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import lru_cache, partial
+
 import torch
 import torch.nn.functional as F
 
@@ -67,32 +71,41 @@ def block_sparse_attention_torch(
 
     sparse_rows = torch.nonzero(live & ~full).squeeze(1)
     if sparse_rows.numel():
-        sparse_counts = counts[sparse_rows]
-        order = torch.argsort(sparse_counts, stable=True)
-        sparse_rows, sparse_counts = sparse_rows[order], sparse_counts[order]
-        values, starts = torch.unique_consecutive(sparse_counts, return_counts=True)
-        bounds = torch.cumsum(starts, 0).tolist()
-        begin = 0
-        for count, end in zip(values.tolist(), bounds):
-            _attend_gathered(
-                q_blocks, k_blocks, v_blocks, key_ok, sparse_rows[begin:end], count, offsets, indices,
-                out, heads, n_q, n_k, bk, dim, scale,
-            )
-            begin = end
+        chunks = _chunks(sparse_rows, counts[sparse_rows], bk * dim)
+        work = partial(
+            _attend_gathered, q_blocks, k_blocks, v_blocks, key_ok, offsets, indices, out, heads, n_q, n_k, scale
+        )
+        workers = min(torch.get_num_threads(), len(chunks)) if q.device.type == "cpu" else 1
+        if workers == 1:
+            work(chunks)
+        else:
+            with _single_threaded_ops():
+                list(_pool(workers).map(work, [chunks[i::workers] for i in range(workers)]))
     return out.view(batch, heads, n_q * bq, dim)[:, :, :seq]
 
 
-def _attend_gathered(q_blocks, k_blocks, v_blocks, key_ok, rows, count, offsets, indices, out,
-                     heads, n_q, n_k, bk, dim, scale):
-    """Rows that all attend ``count`` key blocks: gather their blocks chunk by chunk and attend."""
-    chunk = max(1, CHUNK_ELEMENTS // (count * bk * dim))
-    k_buf = k_blocks.new_empty(min(chunk, rows.numel()) * count, bk * dim)
+def _chunks(rows: torch.Tensor, counts: torch.Tensor, block_elements: int) -> list[tuple[int, torch.Tensor]]:
+    """Rows grouped by key-block count, cut so that each chunk gathers about CHUNK_ELEMENTS."""
+    order = torch.argsort(counts, stable=True)
+    rows, counts = rows[order], counts[order]
+    values, sizes = torch.unique_consecutive(counts, return_counts=True)
+    chunks = []
+    for count, group in zip(values.tolist(), torch.split(rows, sizes.tolist())):
+        per_chunk = max(1, CHUNK_ELEMENTS // (count * block_elements))
+        chunks.extend((count, r) for r in torch.split(group, per_chunk))
+    return chunks
+
+
+def _attend_gathered(q_blocks, k_blocks, v_blocks, key_ok, offsets, indices, out, heads, n_q, n_k, scale, chunks):
+    """For each chunk of rows that attend ``count`` key blocks each: gather their key and value
+    blocks into buffers reused across chunks, and attend."""
+    bk, dim = key_ok.shape[-1], q_blocks.shape[-1]
+    size = max(count * r.numel() for count, r in chunks)
+    k_buf = k_blocks.new_empty(size, k_blocks.shape[1])
     v_buf = torch.empty_like(k_buf)
-    steps = torch.arange(count, device=rows.device)
-    for start in range(0, rows.numel(), chunk):
-        r = rows[start : start + chunk]
+    for count, r in chunks:
         n = r.numel()
-        blocks = indices[offsets[r][:, None] + steps]
+        blocks = indices[offsets[r][:, None] + torch.arange(count, device=r.device)]
         bh = r // n_q
         src = (bh[:, None] * n_k + blocks).reshape(-1)
         ks, vs = k_buf[: n * count], v_buf[: n * count]
@@ -105,6 +118,23 @@ def _attend_gathered(q_blocks, k_blocks, v_blocks, key_ok, rows, count, offsets,
             attn_mask=mask, scale=scale,
         )
         out.index_copy_(0, r, o.squeeze(1))
+
+
+@contextmanager
+def _single_threaded_ops():
+    """Each op on one thread while chunks run in parallel on the pool: many small ops scale badly
+    (and collapse on a loaded machine) when each one forks and joins all intra-op threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@lru_cache(maxsize=None)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dit-sparse")
 
 
 def _attend_full_rows(q_blocks, k, v, key_ok, full, out, heads, n_q, scale):

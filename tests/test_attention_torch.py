@@ -127,3 +127,22 @@ def test_batch_size_mismatch_and_unknown_backend():
         sparse_attention(q, k, v, plan)
     with pytest.raises(ValueError, match="unknown attention backend"):
         sparse_attention(q[:2], k[:2], v[:2], plan, backend="cuda-magic")
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_torch_backend_is_exact_on_any_thread_count(threads, monkeypatch):
+    import dit_sparse.kernels.block_sparse_attention_torch as torch_kernel
+
+    monkeypatch.setattr(torch_kernel, "CHUNK_ELEMENTS", 1 << 14)  # many chunks: every worker gets some
+    layout = TokenLayout((3, 6, 10), 21, False, (21, 5))
+    plan = random_plan(layout, heads=3, block_size=32, batch=2, density=0.3, empty_rows=2, seed=11)
+    q, k, v = qkv(layout, 3, 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = sparse_attention(q, k, v, plan, backend="torch")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before
+    ref = sparse_attention(q, k, v, plan, backend="torch_reference")
+    assert (out - ref).abs().max() <= 1e-5

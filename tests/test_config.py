@@ -44,6 +44,8 @@ def test_round_trip_through_dict():
         ({"tile_shape": (1, 8)}, "tile_shape"),
         ({"min_recall": 1.2}, "min_recall"),
         ({"backend": "cuda"}, "backend must be one of"),
+        ({"per_context_plans": "yes"}, "per_context_plans must be True or False"),
+        ({"reuse_plans": 1}, "reuse_plans must be True or False"),
         ({"query_clusters": 0}, "query_clusters"),
         ({"key_clusters": 2.5}, "key_clusters"),
         ({"kmeans_iters": 0}, "kmeans_iters must be an int >= 1"),

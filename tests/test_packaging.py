@@ -26,3 +26,14 @@ def test_subpackages_import_from_the_install():
     import dit_sparse.pipelines
 
     assert Path(dit_sparse.kernels.__file__).parent.name == "kernels"
+
+
+def test_core_imports_without_the_pipelines_layer_and_exposes_its_names_lazily():
+    code = (
+        "import sys, dit_sparse\n"
+        "assert 'dit_sparse.pipelines' not in sys.modules and 'diffusers' not in sys.modules\n"
+        "from dit_sparse import SparsePipeline, apply_sparse_attention, remove_sparse_attention\n"
+        "from dit_sparse.pipelines import SparsePipeline as same\n"
+        "assert SparsePipeline is same and 'dit_sparse.pipelines' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
