@@ -83,7 +83,8 @@ def fit_radial(
     better on the measured ``mass`` (``[B, H, nQ, nK]``); an image has no sink frame."""
     best = BestPerHead(budget, layout, block_size)
     for sink in (True, False) if layout.grid[0] > 1 else (False,):
-        best.offer(radial_block_mask(layout, tile, block_size, budget, sink, mass), mass)
+        thresholds = radial_thresholds(layout, tile, block_size, sink).to(mass.device)
+        best.offer(solve_window(thresholds, budget, layout, block_size, mass), mass)
     return best
 
 

@@ -89,7 +89,7 @@ def fit_spatiotemporal(
     sinks = sink_key_blocks(mass, layout, block_size, sink_count)
     best = BestPerHead(budget, layout, block_size)
     for frame_cost in FRAME_COSTS if layout.grid[0] > 1 else (math.inf,):
-        thresholds = spatiotemporal_thresholds(layout, tile, block_size, frame_cost)
+        thresholds = spatiotemporal_thresholds(layout, tile, block_size, frame_cost).to(mass.device)
         for sink_blocks in (None, sinks):
             best.offer(solve_window(_with_sinks(thresholds, sink_blocks), budget, layout, block_size, mass), mass)
     return best
