@@ -12,6 +12,7 @@ LAYOUTS = [
     (TokenLayout((5, 9, 20), text_len=20, text_first=True), 128),
     (TokenLayout((1, 24, 30)), 128),
     (TokenLayout((2, 15, 11), text_len=5), (128, 64)),
+    (TokenLayout((2, 3, 5), text_len=40, text_first=True), 64),  # the video fits in the text block
 ]
 
 

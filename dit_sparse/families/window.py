@@ -39,6 +39,8 @@ def solve_window(
     """
     n_q, n_k = layout.num_video_blocks(block_size[0]), layout.num_video_blocks(block_size[1])
     video = thresholds[..., :n_q, :n_k]
+    if video.numel() == 0:  # every query or every key block holds text: all are kept
+        return torch.ones_like(thresholds, dtype=torch.bool)
     if budget.is_mass:
         if mass is None:
             raise ValueError("a top_p budget on a static family needs the measured block mass (mass=...)")
