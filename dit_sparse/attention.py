@@ -32,6 +32,7 @@ def sparse_attention(
 
     Example::
 
+        >>> from dit_sparse import BlockSparsePlan, TokenLayout
         >>> layout = TokenLayout(grid=(2, 8, 8))
         >>> mask = torch.ones(2, 2, 2, dtype=torch.bool)
         >>> plan = BlockSparsePlan.from_block_mask(mask, layout, 64)

@@ -11,7 +11,7 @@ PATTERNS = ("auto", "radial", "spatiotemporal", "semantic", "adaptive", "dense")
 DEFAULT_DENSITY = 0.15
 # The fields a plan depends on: plans saved under one config serve another that agrees on these.
 PLAN_FIELDS = ("pattern", "density", "top_p", "alpha", "exponent", "block_size", "tile_shape", "min_recall",
-               "per_context_plans", "seed")
+               "per_context_plans", "seed", "query_clusters", "key_clusters", "kmeans_iters")
 
 
 @dataclass
@@ -43,6 +43,10 @@ class SparseAttentionConfig:
         reuse_plans: plans calibrated by an earlier pipeline call at the same layout serve later
             calls without calibrating again (as loaded plans do). Off by default: every call
             calibrates its own plans, since data-driven plans depend on the prompt.
+        query_clusters, key_clusters: k-means clusters of each head's video queries and keys for the
+            semantic family; ``None`` scales them with the video (one per 256 queries and one per 64
+            keys, SVG2's ratio at 720p).
+        kmeans_iters: Lloyd iterations of that clustering.
 
     Example::
 
@@ -67,6 +71,9 @@ class SparseAttentionConfig:
     per_context_plans: bool = True
     seed: int = 0
     reuse_plans: bool = False
+    query_clusters: int | None = None
+    key_clusters: int | None = None
+    kmeans_iters: int = 10
 
     def __post_init__(self) -> None:
         if self.pattern not in PATTERNS:
@@ -106,6 +113,10 @@ class SparseAttentionConfig:
         for name in ("per_context_plans", "reuse_plans"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("query_clusters", "key_clusters"):
+            if getattr(self, name) is not None:
+                _check_count(f"{name} (or None to scale it with the video)", getattr(self, name), minimum=1)
+        _check_count("kmeans_iters", self.kmeans_iters, minimum=1)
 
     @property
     def block_sizes(self) -> tuple[int, int]:
@@ -121,6 +132,28 @@ class SparseAttentionConfig:
         bits = self.block_sizes[1].bit_length() - 1
         side = 1 << (bits // 2)
         return (1 << (bits % 2), side, side)
+
+    def tile_for(self, grid: tuple[int, int, int]) -> tuple[int, int, int]:
+        """The tile shape for a ``(T, H, W)`` grid: ``tile_shape`` when set, else a tile of one key
+        block's volume fitted to the grid. An image (``T = 1``) gets a flat tile (128 -> 1x8x16);
+        a dimension smaller than the tile shrinks it and the volume moves to the other dimensions.
+
+        Example::
+
+            >>> config = SparseAttentionConfig(block_size=128)
+            >>> config.tile_for((21, 30, 52)), config.tile_for((1, 64, 64)), config.tile_for((5, 4, 4))
+            ((2, 8, 8), (1, 8, 16), (5, 4, 4))
+        """
+        if self.tile_shape is not None:
+            return self.tile_shape
+        frames, height, width = grid
+        volume = self.block_sizes[1]
+        tile_t = 1 if frames == 1 else min(frames, self.tile[0])
+        spatial = volume // tile_t
+        tile_w = min(width, 1 << (spatial.bit_length() // 2))
+        tile_h = min(height, max(1, spatial // tile_w))
+        tile_t = min(frames, max(tile_t, round(volume / (tile_h * tile_w))))
+        return tile_t, tile_h, tile_w
 
     def num_dense_steps(self, total_steps: int) -> int:
         """Leading dense steps for a run of ``total_steps`` (a fraction rounds down, to at least 1)."""
@@ -153,9 +186,9 @@ def _check_fraction(name: str, value: float | None, allow_zero: bool = False) ->
         raise ValueError(f"{name} must lie in {'[0' if allow_zero else '(0'}, 1], got {value!r}")
 
 
-def _check_count(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+def _check_count(name: str, value: int, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _index_tuple(name: str, value) -> tuple[int, ...]:

@@ -91,6 +91,11 @@ class TokenLayout:
         """Blocks of ``block_size`` tokens covering the sequence (the last one may be partial)."""
         return -(-self.seq_len // block_size)
 
+    def num_video_blocks(self, block_size: int) -> int:
+        """Leading blocks of a permuted sequence that hold only video; the blocks after them hold
+        text (every order puts the text last)."""
+        return self.video_len // block_size if self.text_len else self.num_blocks(block_size)
+
     def key_valid_len(self, batch_size: int) -> torch.Tensor | None:
         """Per batch element, how many leading positions of a permuted sequence are real keys.
 

@@ -33,7 +33,7 @@ class BlockSparsePlan:
         >>> mask = torch.eye(nb, dtype=torch.bool).expand(3, nb, nb)   # 3 heads, block diagonal
         >>> plan = BlockSparsePlan.from_block_mask(mask, layout, 32, q_order=layout.tile_order((1, 4, 8)))
         >>> round(plan.density(), 3)
-        0.306
+        0.355
     """
 
     def __init__(

@@ -40,29 +40,45 @@ def block_mass_torch(
     bq, bk = block_size_q, block_size_k
     n_q, n_k = -(-seq // bq), -(-seq // bk)
     scale = dim**-0.5 if scale is None else scale
-    limit = torch.full((batch,), seq, device=q.device) if kv_valid_len is None else kv_valid_len.to(q.device)
-    key_bias = torch.zeros(batch, n_k * bk, device=q.device)
-    key_bias.masked_fill_(torch.arange(n_k * bk, device=q.device)[None, :] >= limit.clamp(max=seq)[:, None], float("-inf"))
     real_query = (torch.arange(n_q * bq, device=q.device) < seq).float().view(n_q, bq, 1)
     queries_per_block = real_query.sum((1, 2))
 
-    qf = _pad_rows(q.float(), n_q * bq).view(batch * heads, n_q * bq, dim)
+    qf = (_pad_rows(q.float(), n_q * bq) * scale).view(batch * heads, n_q * bq, dim)
     kf = _pad_rows(k.float(), n_k * bk).view(batch * heads, n_k * bk, dim)
-    lse_f = None if lse is None else _pad_rows(lse.float().unsqueeze(-1), n_q * bq).view(batch * heads, n_q * bq)
-    bias = key_bias.repeat_interleave(heads, 0)[:, None, :]
+    lse_f = None if lse is None else _pad_rows(lse.float().unsqueeze(-1), n_q * bq).view(batch * heads, n_q * bq, 1)
+    bias = _key_bias(batch, heads, seq, n_k * bk, kv_valid_len, q.device)
     mass = torch.empty(batch * heads, n_q, n_k, dtype=torch.float32, device=q.device)
-    blocks_per_chunk = max(1, CHUNK_SCORES // (batch * heads * bq * n_k * bk))
-    for first in range(0, n_q, blocks_per_chunk):
-        last = min(n_q, first + blocks_per_chunk)
-        rows = slice(first * bq, last * bq)
-        scores = torch.baddbmm(bias, qf[:, rows], kf.transpose(1, 2), alpha=scale)
-        if lse_f is None:
-            probs = scores.softmax(-1)
-        else:
-            probs = scores.sub_(lse_f[:, rows, None]).exp_()
-        per_block = probs.view(batch * heads, last - first, bq, n_k, bk).sum(-1)
-        mass[:, first:last] = (per_block * real_query[first:last]).sum(2)
+    heads_per_chunk = max(1, min(batch * heads, CHUNK_SCORES // (bq * n_k * bk)))
+    blocks_per_chunk = max(1, CHUNK_SCORES // (heads_per_chunk * bq * n_k * bk))
+    for h in range(0, batch * heads, heads_per_chunk):
+        group = slice(h, h + heads_per_chunk)
+        for first in range(0, n_q, blocks_per_chunk):
+            last = min(n_q, first + blocks_per_chunk)
+            rows = slice(first * bq, last * bq)
+            scores = torch.bmm(qf[group, rows], kf[group].transpose(1, 2))
+            if bias is not None:
+                scores += bias[group]
+            if lse_f is None:
+                scores -= scores.amax(-1, keepdim=True)
+            else:
+                scores -= lse_f[group, rows]
+            per_key_block = scores.exp_().view(scores.shape[0], -1, n_k, bk).sum(-1)
+            if lse_f is None:
+                per_key_block /= per_key_block.sum(-1, keepdim=True)
+            per_block = per_key_block.view(scores.shape[0], last - first, bq, n_k) * real_query[first:last]
+            mass[group, first:last] = per_block.sum(2)
     return (mass / queries_per_block[:, None]).view(batch, heads, n_q, n_k)
+
+
+def _key_bias(batch: int, heads: int, seq: int, padded: int, kv_valid_len: torch.Tensor | None, device) -> torch.Tensor | None:
+    """``[B*H, 1, padded]``: 0 for real keys, ``-inf`` for padding and keys past ``kv_valid_len``
+    (``None`` when every key is real)."""
+    if kv_valid_len is None and padded == seq:
+        return None
+    limit = torch.full((batch,), seq, device=device) if kv_valid_len is None else kv_valid_len.to(device).clamp(max=seq)
+    bias = torch.zeros(batch, padded, device=device)
+    bias.masked_fill_(torch.arange(padded, device=device)[None, :] >= limit[:, None], float("-inf"))
+    return bias.repeat_interleave(heads, 0)[:, None, :]
 
 
 def _pad_rows(x: torch.Tensor, length: int) -> torch.Tensor:

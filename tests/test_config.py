@@ -18,7 +18,9 @@ def test_dense_steps(dense_steps, total, expected):
 
 
 def test_round_trip_through_dict():
-    c = SparseAttentionConfig(pattern="radial", alpha=2.0, exponent=0.6, dense_layers=(0, 3), block_size=(128, 64))
+    c = SparseAttentionConfig(
+        pattern="radial", alpha=2.0, exponent=0.6, dense_layers=(0, 3), block_size=(128, 64), key_clusters=100, kmeans_iters=4
+    )
     assert SparseAttentionConfig.from_dict(c.to_dict()) == c
 
 
@@ -44,6 +46,9 @@ def test_round_trip_through_dict():
         ({"backend": "cuda"}, "backend must be one of"),
         ({"per_context_plans": "yes"}, "per_context_plans must be True or False"),
         ({"reuse_plans": 1}, "reuse_plans must be True or False"),
+        ({"query_clusters": 0}, "query_clusters"),
+        ({"key_clusters": 2.5}, "key_clusters"),
+        ({"kmeans_iters": 0}, "kmeans_iters must be an int >= 1"),
     ],
 )
 def test_bad_values_are_rejected(kwargs, match):
@@ -54,3 +59,20 @@ def test_bad_values_are_rejected(kwargs, match):
 def test_unknown_fields_in_dict():
     with pytest.raises(ValueError, match="unknown SparseAttentionConfig fields: colour"):
         SparseAttentionConfig.from_dict({"colour": 1})
+
+
+@pytest.mark.parametrize(
+    "block_size,grid,tile",
+    [
+        (64, (21, 30, 52), (1, 8, 8)),
+        (128, (21, 30, 52), (2, 8, 8)),
+        (128, (1, 64, 64), (1, 8, 16)),   # an image: a flat tile, not half of a 2-frame one
+        (64, (1, 64, 64), (1, 8, 8)),
+        (64, (5, 4, 4), (4, 4, 4)),       # a small frame: the volume moves to time
+        (128, (1, 9, 13), (1, 9, 13)),
+        (64, (3, 7, 9), (1, 7, 8)),
+    ],
+)
+def test_tile_for_fits_the_grid(block_size, grid, tile):
+    assert SparseAttentionConfig(block_size=block_size).tile_for(grid) == tile
+    assert SparseAttentionConfig(block_size=block_size, tile_shape=(1, 2, 3)).tile_for(grid) == (1, 2, 3)

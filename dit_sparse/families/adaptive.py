@@ -10,10 +10,8 @@ from ..layout import TokenLayout
 
 def text_key_blocks(layout: TokenLayout, block_size_k: int) -> torch.Tensor:
     """Boolean ``[nK]``: key blocks holding any text token (always attended)."""
-    n_k = layout.num_blocks(block_size_k)
-    blocks = torch.zeros(n_k, dtype=torch.bool)
-    if layout.text_len:
-        blocks[layout.video_len // block_size_k :] = True
+    blocks = torch.zeros(layout.num_blocks(block_size_k), dtype=torch.bool)
+    blocks[layout.num_video_blocks(block_size_k) :] = True
     return blocks
 
 
@@ -25,7 +23,8 @@ def adaptive_block_mask(
     Args:
         mass: ``[..., nQ, nK]`` block mass from :func:`dit_sparse.calibration.measure_block_mass`.
         block_size: ``(query, key)`` block sizes the mass was measured with.
-        budget: a density, ``top_p`` or ``alpha * n**C`` budget; text key blocks come on top.
+        budget: a density, ``top_p`` or ``alpha * n**C`` budget; text key blocks come on top and
+            text query blocks keep everything.
 
     Example::
 
@@ -35,4 +34,6 @@ def adaptive_block_mask(
         tensor([[2, 2, 2, 2]])
     """
     always = text_key_blocks(layout, block_size[1]).to(mass.device)
-    return keep_heaviest(mass, budget, layout.seq_len, block_size[1], always=always)
+    mask = keep_heaviest(mass, budget, layout.seq_len, block_size[1], always=always)
+    mask[..., layout.num_video_blocks(block_size[0]) :, :] = True
+    return mask

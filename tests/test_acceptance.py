@@ -1,0 +1,44 @@
+"""The issue's acceptance checks on a small synthetic benchmark (the full-size figures come from
+``python -m dit_sparse.eval.study_families``): at equal density, auto is as good as the best single
+family on every head type and better than every single family on the mix."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dit_sparse import SparseAttentionConfig, sparse_attention
+from dit_sparse.eval.synthetic import HEAD_TYPES, synthetic_attention
+from dit_sparse.planner import FAMILIES, calibrate, plan_from_calibration
+
+DENSITY = 0.15
+
+
+@pytest.fixture(scope="module")
+def errors():
+    types = HEAD_TYPES * 2
+    data = synthetic_attention((8, 24, 24), types, head_dim=32, seed=0)
+    dense = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (data.q, data.k, data.v))).transpose(1, 2)
+    calibration = calibrate(data.q, data.k, data.layout, SparseAttentionConfig(pattern="auto"))
+
+    def relative_error(out, kind):
+        heads = [h for h, t in enumerate(types) if kind in ("mix", t)]
+        return float((out[:, :, heads] - dense[:, :, heads]).norm() / dense[:, :, heads].norm())
+
+    table = {}
+    for pattern in (*FAMILIES, "auto"):
+        config = SparseAttentionConfig(pattern=pattern, density=DENSITY, min_recall=0.0)
+        plan, _ = plan_from_calibration(calibration, config)
+        out = sparse_attention(data.q, data.k, data.v, plan, backend="torch")
+        table[pattern] = {kind: relative_error(out, kind) for kind in (*HEAD_TYPES, "mix")}
+    return table
+
+
+@pytest.mark.parametrize("kind", HEAD_TYPES)
+def test_auto_is_as_good_as_the_best_family_on_each_head_type(errors, kind):
+    best = min(errors[f][kind] for f in FAMILIES)
+    assert errors["auto"][kind] <= 1.05 * best
+
+
+def test_auto_beats_every_family_on_the_mix(errors):
+    assert all(errors["auto"]["mix"] < errors[f]["mix"] for f in FAMILIES)
+    assert errors["auto"]["mix"] < 0.2

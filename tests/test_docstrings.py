@@ -1,0 +1,25 @@
+"""Every docstring example in the package runs and prints what it shows (examples that need a GPU
+or a downloaded checkpoint are marked ``+SKIP``)."""
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+PACKAGES = ["dit_sparse", "dit_sparse.kernels", "dit_sparse.families", "dit_sparse.pipelines", "dit_sparse.eval", "dit_sparse.app"]
+
+
+def _modules() -> list[str]:
+    names = []
+    for package in PACKAGES:
+        names.append(package)
+        path = importlib.import_module(package).__path__
+        names += [f"{package}.{m.name}" for m in pkgutil.iter_modules(path) if m.name != "__main__"]
+    return names
+
+
+@pytest.mark.parametrize("name", _modules())
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS, report=False)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} docstring examples in {name} failed"

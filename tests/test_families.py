@@ -1,0 +1,145 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dit_sparse import SparseAttentionConfig, TokenLayout
+from dit_sparse.budget import Budget
+from dit_sparse.families import (
+    adaptive_block_mask,
+    radial_block_mask,
+    radial_thresholds,
+    spatiotemporal_block_mask,
+    spatiotemporal_thresholds,
+)
+from dit_sparse.families.spatiotemporal import sink_key_blocks
+from dit_sparse.families.window import solve_window
+from dit_sparse.scoring import recall, video_density
+from token_rules import radial_rule, spatiotemporal_rule
+
+# (layout, tile, block sizes): odd grids, partial tiles, text first and last, unequal blocks.
+SMALL_CASES = [
+    (TokenLayout((5, 6, 7)), (1, 3, 4), (16, 16)),
+    (TokenLayout((4, 5, 6), text_len=7, text_first=True), (2, 3, 3), (16, 8)),
+    (TokenLayout((6, 4, 5), text_len=9), (1, 4, 5), (8, 32)),
+    (TokenLayout((1, 11, 13), text_len=5), (1, 4, 8), (32, 32)),
+]
+# Block sizes 64 and 128 with the tiles the planner picks for them.
+LARGE_CASES = [
+    (TokenLayout((3, 17, 13), text_len=11), 64),
+    (TokenLayout((5, 9, 20), text_len=20, text_first=True), 128),
+    (TokenLayout((1, 24, 30)), 128),
+]
+
+
+def _cases():
+    for layout, tile, blocks in SMALL_CASES:
+        yield layout, tile, blocks
+    for layout, block in LARGE_CASES:
+        yield layout, SparseAttentionConfig(block_size=block).tile_for(layout.grid), (block, block)
+
+
+CASES = list(_cases())
+IDS = [f"{lay.grid}-text{lay.text_len}{'first' if lay.text_first else ''}-{b}" for lay, _, b in CASES]
+
+
+@pytest.mark.parametrize("layout,tile,blocks", CASES, ids=IDS)
+@pytest.mark.parametrize("sink", [True, False])
+def test_radial_matches_token_rule(layout, tile, blocks, sink):
+    thresholds = radial_thresholds(layout, tile, blocks, sink)
+    for radius in (0.5, 3.3, 5.7, 9.1, 17.3, 40.2):
+        expected = radial_rule(layout, tile, blocks, radius, sink)
+        assert np.array_equal((thresholds <= radius).numpy(), expected), radius
+
+
+@pytest.mark.parametrize("layout,tile,blocks", CASES, ids=IDS)
+@pytest.mark.parametrize("frame_cost", [0.0, 1.0, 16.0, math.inf])
+def test_spatiotemporal_matches_token_rule(layout, tile, blocks, frame_cost):
+    thresholds = spatiotemporal_thresholds(layout, tile, blocks, frame_cost)
+    for radius in (0.5, 3.3, 9.1, 17.3, 40.2):
+        expected = spatiotemporal_rule(layout, tile, blocks, radius, frame_cost)
+        assert np.array_equal((thresholds <= radius).numpy(), expected), radius
+
+
+def test_radial_window_shrinks_with_frame_distance():
+    layout, tile = TokenLayout((9, 32, 32)), (1, 8, 8)
+    mask = radial_thresholds(layout, tile, (64, 64), sink=False) <= 20.0
+    per_frame = mask[:16].view(16, 9, 16).sum(-1)[5]  # query tile (0, 1, 1): kept tiles per key frame
+    # Radius 20 tokens = 2.5 tiles: offsets with dy^2 + dx^2 <= 6.25 (the 4x4 tile grid but its far
+    # corner); the radius shrinks by sqrt 2 per doubling of the frame distance: 14.1, 10, 7.1.
+    assert per_frame.tolist() == [15, 15, 9, 9, 5, 5, 5, 5, 1]
+    assert (radial_thresholds(layout, tile, (64, 64), sink=True) <= 0)[:, :16].all()
+
+
+def test_solve_window_count_budget_is_the_largest_window_within():
+    layout, blocks = TokenLayout((8, 16, 24), text_len=10), (64, 64)
+    with_sink = radial_thresholds(layout, (1, 8, 8), blocks, sink=True)
+    floor = solve_window(with_sink, Budget(density=0.1), layout, blocks)  # the sink frame alone is 1/8
+    assert torch.equal(floor, with_sink <= 0) and video_density(floor, layout, blocks) > 0.1
+    thresholds = radial_thresholds(layout, (1, 8, 8), blocks, sink=False)
+    values = thresholds[thresholds.isfinite()].unique()
+    for density in (0.1, 0.2, 0.45):
+        mask = solve_window(thresholds, Budget(density=density), layout, blocks)
+        assert video_density(mask, layout, blocks) <= density
+        window = thresholds[mask & thresholds.isfinite()].max()
+        larger = values[values > window].min()
+        assert video_density(thresholds <= larger, layout, blocks) > density
+
+
+def test_solve_window_top_p_is_the_smallest_window_reaching_p():
+    layout, blocks = TokenLayout((6, 16, 16), text_len=5), (64, 64)
+    n = layout.num_blocks(64)
+    mass = torch.softmax(torch.randn(2, 3, n, n) * 2, -1)
+    thresholds = spatiotemporal_thresholds(layout, (1, 8, 8), blocks, frame_cost=4.0)
+    mask = solve_window(thresholds, Budget(top_p=0.7), layout, blocks, mass)
+    kept = recall(mass, mask, layout, 64)
+    assert (kept >= 0.7 - 1e-6).all()
+    values = thresholds[thresholds.isfinite()].unique()
+    for b, h in np.ndindex(2, 3):
+        window = thresholds[mask[b, h] & thresholds.isfinite()].max()
+        smaller = values[values < window]
+        if len(smaller):
+            assert recall(mass[b : b + 1, h : h + 1], thresholds <= smaller.max(), layout, 64) < 0.7
+    with pytest.raises(ValueError, match="needs the measured block mass"):
+        solve_window(thresholds, Budget(top_p=0.7), layout, blocks)
+
+
+def test_static_masks_hit_density_and_keep_text():
+    layout, blocks = TokenLayout((8, 16, 16), text_len=20), (64, 64)
+    budget = Budget(density=0.25)
+    for mask in (
+        radial_block_mask(layout, (1, 8, 8), blocks, budget),
+        spatiotemporal_block_mask(layout, (1, 8, 8), blocks, budget, frame_cost=4.0),
+    ):
+        assert 0.1 < video_density(mask, layout, blocks) <= 0.25
+        assert mask[:, layout.num_video_blocks(64) :].all() and mask[layout.num_video_blocks(64) :].all()
+
+
+def test_vertical_stripe_keeps_the_heaviest_columns():
+    layout, blocks = TokenLayout((4, 16, 16)), (64, 64)
+    mass = torch.full((1, 2, 16, 16), 1 / 16)
+    mass[0, 0, :, 5] += 1.0
+    mass[0, 1, :, 11] += 1.0
+    sinks = sink_key_blocks(mass, layout, blocks, count=1)
+    assert sinks[0, 0].nonzero().flatten().tolist() == [5] and sinks[0, 1].nonzero().flatten().tolist() == [11]
+    mask = spatiotemporal_block_mask(layout, (1, 8, 8), blocks, Budget(density=0.25), math.inf, sink_blocks=sinks)
+    assert mask[0, 0, :, 5].all() and mask[0, 1, :, 11].all()
+    assert (video_density(mask, layout, blocks) <= 0.25).all()
+
+
+def test_adaptive_matches_row_top_k_by_loops():
+    layout, blocks = TokenLayout((3, 8, 8), text_len=9), (32, 32)
+    n = layout.num_blocks(32)
+    mass = torch.softmax(torch.randn(2, n, n), -1)
+    mask = adaptive_block_mask(mass, layout, blocks, Budget(density=0.4))
+    n_video = layout.num_video_blocks(32)
+    keep = round(0.4 * n_video)
+    for h in range(2):
+        for i in range(n):
+            if i >= n_video:
+                expected = set(range(n))
+            else:
+                ranked = sorted(range(n_video), key=lambda j: -float(mass[h, i, j]))
+                expected = set(ranked[:keep]) | set(range(n_video, n))
+            assert set(mask[h, i].nonzero().flatten().tolist()) == expected

@@ -1,0 +1,120 @@
+import pytest
+import torch
+
+from dit_sparse import SparseAttentionConfig, TokenLayout
+from dit_sparse.config import PATTERNS
+from dit_sparse.planner import FAMILIES, build_plan, calibrate, plan_from_calibration
+from dit_sparse.budget import Budget
+from dit_sparse.scoring import target_density, video_density
+
+LAYOUTS = [
+    (TokenLayout((3, 17, 13), text_len=11), 64),
+    (TokenLayout((5, 9, 20), text_len=20, text_first=True), 128),
+    (TokenLayout((1, 24, 30)), 128),
+    (TokenLayout((2, 15, 11), text_len=5), (128, 64)),
+    (TokenLayout((2, 3, 5), text_len=40, text_first=True), 64),  # the video fits in the text block
+]
+
+
+def qk(layout: TokenLayout, batch: int = 1, heads: int = 3, dim: int = 16):
+    return torch.randn(batch, layout.seq_len, heads, dim), torch.randn(batch, layout.seq_len, heads, dim)
+
+
+@pytest.mark.parametrize("layout,block_size", LAYOUTS, ids=[str(lay.grid) for lay, _ in LAYOUTS])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_every_pattern_plans_within_its_density(layout, block_size, pattern):
+    q, k = qk(layout)
+    config = SparseAttentionConfig(pattern=pattern, density=0.3, block_size=block_size, min_recall=0.0)
+    plan, report = build_plan(q, k, layout, config)
+    assert plan.num_heads == 3 and plan.batch_size == 1
+    assert len(report.family) == 1 and len(report.family[0]) == 3
+    assert set(report.family[0]) <= set(FAMILIES) | {"dense"}
+    assert torch.allclose(report.density, plan.density(per_head=True))
+    assert ((report.recall > 0) & (report.recall <= 1 + 1e-6)).all()
+    if pattern != "dense":  # the budget's block count rounds 0.3 of the video key blocks
+        allowed = target_density(Budget(density=0.3), layout, config.block_sizes[1])
+        if pattern in ("radial", "spatiotemporal"):  # or the family's smallest window, pooled to blocks
+            floor, _ = build_plan(q, k, layout, SparseAttentionConfig(pattern=pattern, density=1e-3, block_size=block_size))
+            allowed = torch.clamp(video_density(floor.to_block_mask(), layout, config.block_sizes), min=allowed)
+        assert (video_density(plan.to_block_mask(), layout, config.block_sizes) <= allowed + 1e-6).all()
+    assert report.seconds > 0
+
+
+def test_auto_keeps_each_heads_best_family_and_its_recall():
+    layout = TokenLayout((4, 12, 16), text_len=6)
+    q, k = qk(layout, batch=2, heads=4)
+    config = SparseAttentionConfig(pattern="auto", density=0.25, min_recall=0.0)
+    calibration = calibrate(q, k, layout, config)
+    recalls = torch.stack([
+        plan_from_calibration(calibration, SparseAttentionConfig(pattern=name, density=0.25))[1].recall
+        for name in FAMILIES
+    ])
+    plan, report = plan_from_calibration(calibration, config)
+    assert torch.allclose(report.recall, recalls.max(0).values)
+    best = recalls.argmax(0)
+    assert report.family == [[FAMILIES[i] for i in row] for row in best.tolist()]
+
+
+def test_auto_recall_is_the_token_level_mass_of_its_plan():
+    """Mixed per-head orders (semantic heads have their own) must agree with the reported recall."""
+    layout = TokenLayout((3, 8, 12), text_len=7, text_first=True)
+    q, k = qk(layout, heads=4, dim=8)
+    q[..., :2, :] *= 4.0   # sharper heads
+    plan, report = build_plan(q, k, layout, SparseAttentionConfig(pattern="auto", density=0.3, min_recall=0.0, block_size=32))
+    assert "semantic" in report.family[0] and len(set(report.family[0])) > 1
+    probs = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2) / 8**0.5).softmax(-1)
+    expected = (probs * plan.to_token_mask()).sum(-1).mean(-1)
+    assert torch.allclose(report.recall, expected, atol=1e-5)
+
+
+def test_auto_leaves_heads_below_min_recall_dense():
+    layout = TokenLayout((2, 8, 16))
+    q, k = qk(layout, heads=2)
+    plan, report = build_plan(q, k, layout, SparseAttentionConfig(pattern="auto", density=0.2, min_recall=0.999))
+    assert report.family == [["dense", "dense"]]
+    assert plan.density() == 1.0 and (report.recall == 1).all()
+
+
+def test_top_p_reaches_p_and_auto_takes_the_sparsest_family_that_does():
+    layout = TokenLayout((4, 16, 16), text_len=10)
+    q, k = qk(layout, heads=3, dim=16)
+    q *= 3.0
+    calibration = calibrate(q, k, layout, SparseAttentionConfig(pattern="auto", top_p=0.8))
+    reports = {name: plan_from_calibration(calibration, SparseAttentionConfig(pattern=name, top_p=0.8))[1] for name in FAMILIES}
+    for name in ("radial", "spatiotemporal", "adaptive"):
+        assert (reports[name].recall >= 0.8 - 1e-5).all(), name
+    plan, report = plan_from_calibration(calibration, SparseAttentionConfig(pattern="auto", top_p=0.8, min_recall=0.0))
+    for h, name in enumerate(report.family[0]):
+        reaching = [f for f in FAMILIES if reports[f].recall[0, h] >= 0.8 - 1e-6]
+        sparsest = min(reaching, key=lambda f: float(reports[f].density[0, h]))
+        assert float(report.density[0, h]) == pytest.approx(float(reports[sparsest].density[0, h]), abs=0.02)
+
+
+def test_alpha_budget_spends_fewer_blocks_as_the_video_grows():
+    densities = []
+    for frames in (2, 8):
+        layout = TokenLayout((frames, 16, 16))
+        q, k = qk(layout, heads=1)
+        plan, _ = build_plan(q, k, layout, SparseAttentionConfig(pattern="adaptive", alpha=16.0, exponent=0.5))
+        densities.append(plan.density())
+    assert densities[1] < densities[0]
+
+
+def test_shared_batch_plan_has_one_order_per_head():
+    layout = TokenLayout((2, 8, 8), text_len=4)
+    q, k = qk(layout, batch=2, heads=2)
+    plan, report = build_plan(q, k, layout, SparseAttentionConfig(pattern="semantic"), share_batch=True)
+    assert plan.batch_size == 1 and plan.q_order.shape == (1, 2, layout.seq_len)
+    assert report.recall.shape == (1, 2)
+
+
+def test_bad_inputs_name_the_problem():
+    layout = TokenLayout((2, 8, 8))
+    q, k = qk(layout)
+    with pytest.raises(ValueError, match="pass the layout of this attention call"):
+        build_plan(q[:, :-1], k[:, :-1], layout, SparseAttentionConfig())
+    calibration = calibrate(q, k, layout, SparseAttentionConfig(pattern="adaptive"))
+    with pytest.raises(ValueError, match="no clustering; calibrate with pattern='semantic'"):
+        plan_from_calibration(calibration, SparseAttentionConfig(pattern="semantic"))
+    with pytest.raises(ValueError, match="measured with blocks"):
+        plan_from_calibration(calibration, SparseAttentionConfig(pattern="adaptive", block_size=128))

@@ -1,0 +1,105 @@
+import math
+
+import pytest
+import torch
+
+from dit_sparse import BlockSparsePlan, TokenLayout
+from dit_sparse.budget import Budget
+from dit_sparse.families import cluster_heads, semantic_block_mask, semantic_block_mass
+from dit_sparse.kmeans import kmeans
+
+
+def blobs(groups: int, per_blob: int, centres: torch.Tensor, spread: float = 0.3, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    points = centres.repeat_interleave(per_blob, 0)
+    return (points + spread * torch.randn(groups, *points.shape, generator=g))[:, torch.randperm(len(points), generator=g)]
+
+
+def test_kmeans_recovers_separated_clusters_and_is_deterministic():
+    centres = torch.tensor([[0.0, 0.0, 8.0], [8.0, 0.0, 0.0], [0.0, 8.0, 0.0], [-8.0, -8.0, -8.0]])
+    x = blobs(3, 40, centres)
+    labels, found = kmeans(x, 4, iters=10, seed=1)
+    for g in range(3):
+        assert sorted(labels[g].bincount().tolist()) == [40, 40, 40, 40]
+        nearest = torch.cdist(found[g], centres).min(-1).values
+        assert (nearest < 0.3).all()
+    again, _ = kmeans(x, 4, iters=10, seed=1)
+    assert torch.equal(labels, again)
+
+
+def test_kmeans_warm_start_stays_converged():
+    x = blobs(2, 30, torch.tensor([[5.0, 5.0], [-5.0, 5.0], [0.0, -5.0]]))
+    labels, centroids = kmeans(x, 3, iters=20, seed=0)
+    warm_labels, warm = kmeans(x, 3, iters=1, init=centroids)
+    assert torch.equal(warm_labels, labels) and torch.allclose(warm, centroids)
+    with pytest.raises(ValueError, match="init must be"):
+        kmeans(x, 3, iters=1, init=centroids[:, :2])
+    with pytest.raises(ValueError, match="num_clusters"):
+        kmeans(x, 100, iters=1)
+
+
+@pytest.mark.parametrize("text_first", [False, True])
+def test_orders_sort_video_by_cluster_and_keep_text_last(text_first):
+    layout = TokenLayout((2, 4, 6), text_len=5, text_first=text_first)
+    q, k = torch.randn(2, layout.seq_len, 3, 8), torch.randn(2, layout.seq_len, 3, 8)
+    clustering = cluster_heads(q, k, layout, query_clusters=3, key_clusters=5, iters=3)
+    q_order, kv_order = clustering.orders(layout)
+    text = torch.arange(layout.text_offset, layout.text_offset + 5)
+    for order, labels in ((q_order, clustering.q_labels), (kv_order, clustering.k_labels)):
+        assert (order[..., layout.video_len :] == text).all()
+        video = order[..., : layout.video_len] - layout.video_offset
+        assert (labels.gather(-1, video).diff(dim=-1) >= 0).all()
+    plan = BlockSparsePlan.from_block_mask(
+        torch.ones(2, 3, layout.num_blocks(8), layout.num_blocks(8), dtype=torch.bool), layout, 8, q_order, kv_order
+    )
+    assert plan.batch_size == 2
+
+
+def estimate_by_loops(clustering, layout, block_size, b, h):
+    """Token-level centroid estimate pooled to blocks: a query of cluster a gives a key of cluster c
+    softmax_c(q_a . k_c / sqrt(d) + log |c|) / |c|; a block row averages its video queries."""
+    qc, kc = clustering.q_centroids[b, h].double(), clustering.k_centroids[b, h].double()
+    q_labels, k_labels = clustering.q_labels[b, h].tolist(), clustering.k_labels[b, h].tolist()
+    sizes = [k_labels.count(c) for c in range(len(kc))]
+    scores = []
+    for a in range(len(qc)):
+        logits = [float(qc[a] @ kc[c]) / math.sqrt(qc.shape[1]) + math.log(s) if s else -math.inf for c, s in enumerate(sizes)]
+        top = max(logits)
+        weights = [math.exp(x - top) for x in logits]
+        scores.append([w / sum(weights) / s if s else 0.0 for w, s in zip(weights, sizes)])
+    q_sorted = sorted(q_labels)
+    k_sorted = sorted(k_labels)
+    bq, bk = block_size
+    out = torch.zeros(layout.num_blocks(bq), layout.num_blocks(bk), dtype=torch.float64)
+    for i in range(out.shape[0]):
+        queries = q_sorted[i * bq : (i + 1) * bq]
+        for j in range(out.shape[1]):
+            keys = k_sorted[j * bk : (j + 1) * bk]
+            if queries:
+                out[i, j] = sum(scores[a][c] for a in queries for c in keys) / len(queries)
+    return out
+
+
+def test_centroid_estimate_and_mask_match_token_level_loops():
+    layout, blocks = TokenLayout((2, 6, 5), text_len=4), (16, 8)
+    q, k = torch.randn(1, layout.seq_len, 2, 8), torch.randn(1, layout.seq_len, 2, 8)
+    clustering = cluster_heads(q, k, layout, query_clusters=4, key_clusters=6, iters=5)
+    mass = semantic_block_mass(clustering, layout, blocks)
+    mask = semantic_block_mask(clustering, layout, blocks, Budget(density=0.3))
+    n_video_k = layout.num_video_blocks(8)
+    keep = round(0.3 * n_video_k)
+    for h in range(2):
+        expected = estimate_by_loops(clustering, layout, blocks, 0, h)
+        assert torch.allclose(mass[0, h].double(), expected, atol=1e-6)
+        for i in range(layout.num_video_blocks(16)):
+            ranked = sorted(range(n_video_k), key=lambda j: -float(expected[i, j]))
+            assert set(mask[0, h, i].nonzero().flatten().tolist()) == set(ranked[:keep]) | set(range(n_video_k, mask.shape[-1]))
+
+
+def test_cluster_counts_scale_with_the_video_and_reject_too_many():
+    layout = TokenLayout((4, 16, 16))
+    x = torch.randn(1, layout.seq_len, 1, 8)
+    clustering = cluster_heads(x, x, layout, iters=1)
+    assert clustering.q_centroids.shape[2] == 4 and clustering.k_centroids.shape[2] == 16
+    with pytest.raises(ValueError, match="key_clusters=2000 exceeds the 1024 video tokens"):
+        cluster_heads(x, x, layout, key_clusters=2000)
