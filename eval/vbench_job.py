@@ -14,11 +14,11 @@ import json
 import os
 import sys
 
-import vbench
-from vbench import VBench
-
 
 def main() -> None:
+    import vbench
+    from vbench import VBench
+
     job = json.load(sys.stdin)
     full_info = os.path.join(os.path.dirname(vbench.__file__), "VBench_full_info.json")
     bench = VBench(job["device"], full_info, job["work_dir"])
