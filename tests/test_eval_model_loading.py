@@ -63,6 +63,17 @@ def test_a_saved_pipeline_loads_and_generates_from_string_prompts(saved_tiny_wan
     assert not np.array_equal(first, other)                # the prompt reaches the model
 
 
+def test_sizes_the_pipeline_would_round_are_refused_with_the_nearest_valid_ones(saved_tiny_wan):
+    model = load_model(str(saved_tiny_wan), torch.device("cpu"), torch.float32)   # VAE 4x in time, 8x in space; patch 2
+    model.check_video_size(GenerationSettings(frames=9, height=32, width=48))
+    with pytest.raises(ValueError, match=r"takes 4k\+1 frames \(1, 5, 9, ...\); got 10: use 9 or 13"):
+        model.check_video_size(GenerationSettings(frames=10))
+    with pytest.raises(ValueError, match="width that is a multiple of 16 .*; got 40: use 32 or 48"):
+        model.check_video_size(GenerationSettings(height=32, width=40))
+    with pytest.raises(ValueError, match="height that is a multiple of 16 .*; got 8: use 16$"):
+        model.check_video_size(GenerationSettings(height=8))
+
+
 def test_a_model_that_cannot_load_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"could not load .* \(a local directory\).*save_pretrained"):
         load_model(str(tmp_path), torch.device("cpu"), torch.float32)
