@@ -23,7 +23,7 @@ from .offline_model import OFFLINE_MODEL_NAME, OfflineWanSpec, build_offline_pip
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationSettings:
     """What every generation of a run shares. ``None`` leaves a value to the pipeline's default."""
 
@@ -45,7 +45,7 @@ class EvalModel:
         random_weights: whether its weights are random (the offline default).
         offline_spec: the offline model's sizes (``None`` for a loaded model).
         defaults: generation settings the model brings (the offline model's sizes; for a loaded
-            pipeline the step count of its ``__call__``).
+            pipeline the defaults of its ``__call__``: steps, frames, height, width).
     """
 
     pipe: Any
@@ -69,6 +69,12 @@ class EvalModel:
         filled = {name: getattr(self.defaults, name) for name in names if getattr(settings, name) is None}
         return replace(settings, **filled)
 
+    @property
+    def frame_step(self) -> int:
+        """Frame counts the model takes are ``1 + k * frame_step``: its VAE's temporal compression
+        (1 for a pipeline that does not say)."""
+        return getattr(self.pipe, "vae_scale_factor_temporal", None) or 1
+
     def check_video_size(self, settings: GenerationSettings) -> None:
         """Raise a ``ValueError`` naming the nearest valid values when the pipeline would silently round
         the frame count or the frame size of ``settings`` (diffusers' Wan pipelines round frames to
@@ -81,8 +87,8 @@ class EvalModel:
             ...
             ValueError: offline-wan (random weights) takes 4k+1 frames (1, 5, 9, ...); got 30: use 29 or 33
         """
-        temporal = getattr(self.pipe, "vae_scale_factor_temporal", None)
-        if settings.frames is not None and temporal and (settings.frames - 1) % temporal:
+        temporal = self.frame_step
+        if settings.frames is not None and (settings.frames - 1) % temporal:
             lower = (settings.frames - 1) // temporal * temporal + 1
             raise ValueError(
                 f"{self.name} takes {temporal}k+1 frames (1, {1 + temporal}, {1 + 2 * temporal}, ...); "
@@ -193,9 +199,14 @@ def load_model(model: str | None, device: torch.device, dtype: torch.dtype) -> E
             f"for the offline default"
         ) from error
     pipe = pipe.to(device)
-    steps = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
-    defaults = GenerationSettings(steps=None if steps is None else steps.default)
+    parameters = inspect.signature(pipe.__call__).parameters
+    defaults = GenerationSettings(*(_default_of(parameters.get(name))
+                                    for name in ("num_inference_steps", "num_frames", "height", "width")))
     return EvalModel(pipe, model, random_weights=False, defaults=defaults)
+
+
+def _default_of(parameter: inspect.Parameter | None) -> Any:
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
 def output_frames(output: Any) -> np.ndarray:

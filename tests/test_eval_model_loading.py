@@ -51,7 +51,8 @@ def saved_tiny_wan(tmp_path_factory):
 def test_a_saved_pipeline_loads_and_generates_from_string_prompts(saved_tiny_wan):
     model = load_model(str(saved_tiny_wan), torch.device("cpu"), torch.float32)
     assert not model.random_weights and model.offline_spec is None and model.makes_video
-    assert model.defaults.steps == 50                     # WanPipeline.__call__'s own default
+    assert (model.defaults.steps, model.defaults.frames, model.defaults.height, model.defaults.width) == (
+        50, 81, 480, 832)                                  # WanPipeline.__call__'s own defaults
     settings = GenerationSettings(steps=2, frames=5, height=16, width=16, guidance_scale=1.0)
     model.pipe.set_progress_bar_config(disable=True)
     first = output_frames(model.pipe(**model.call_kwargs("a red fox in the snow", settings)))
