@@ -31,6 +31,7 @@ ALL_HEADS = "all"
 BUDGETS = ("density", "top_p")
 SIDE_STEP = 16  # Wan, HunyuanVideo and Flux pipelines take heights and widths in multiples of 16
 FALLBACK_SIDE = 1024  # pipelines whose __call__ computes its size (Flux) make 1024x1024 by default
+STAT_MIN_WIDTH = 110  # five figures on one row next to the inputs
 CACHE_SECONDS = 3600  # Gradio's copies of served videos are deleted after an hour
 
 
@@ -69,17 +70,16 @@ def build_demo(session: DemoSession) -> gr.Blocks:
                     dense_video = gr.Video(label="dense", format="mp4", autoplay=True, loop=True, interactive=False)
                     sparse_video = gr.Video(label="sparse", format="mp4", autoplay=True, loop=True, interactive=False)
                 with gr.Row():
-                    dense_time = gr.Textbox(label="dense wall time", interactive=False)
-                    sparse_time = gr.Textbox(label="sparse wall time", interactive=False)
-                    speedup = gr.Textbox(label="speedup", interactive=False)
-                    psnr = gr.Textbox(label="PSNR, per-frame mean", interactive=False)
-                    ssim = gr.Textbox(label="SSIM", interactive=False)
+                    dense_time, sparse_time, speedup, psnr, ssim = (
+                        gr.Textbox(label=label, interactive=False, min_width=STAT_MIN_WIDTH)
+                        for label in ("dense wall time", "sparse wall time", "speedup", "PSNR, per-frame mean", "SSIM")
+                    )
                 details = gr.Markdown()
-                density_plot = gr.Plot(label="attention density per layer and step")
+                density_plot = gr.Plot(label="attention density per layer and step", show_label=False)
                 with gr.Row():
                     layer = gr.Dropdown([], label="Plan of layer")
                     head = gr.Dropdown([], label="Head")
-                mask_plot = gr.Plot(label="block mask")
+                mask_plot = gr.Plot(label="block mask", show_label=False)
 
         def run(prompt_text: str, seed_value: int, frame_count: int, height_px: int, width_px: int, step_count: int,
                 pattern_name: str, budget_name: str, budget: float, dense_step_count: int,
