@@ -63,7 +63,8 @@ def build_demo(session: DemoSession) -> gr.Blocks:
                     budget_value = gr.Slider(0.01, 1.0, value=config.top_p or config.density, step=0.01,
                                              label="Density or top-p")
                 dense_steps = gr.Slider(0, max(50, 2 * defaults.steps), value=config.num_dense_steps(defaults.steps),
-                                        step=1, label="Dense steps", info="leading steps run dense; the last calibrates")
+                                        step=1, label="Dense steps",
+                                        info="leading steps run dense; the last one calibrates")
                 generate = gr.Button("Generate", variant="primary")
             with gr.Column(scale=2):
                 with gr.Row():
@@ -84,6 +85,7 @@ def build_demo(session: DemoSession) -> gr.Blocks:
         def run(prompt_text: str, seed_value: int, frame_count: int, height_px: int, width_px: int, step_count: int,
                 pattern_name: str, budget_name: str, budget: float, dense_step_count: int,
                 progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple[Any, ...]:
+            # the progress default makes Gradio mirror the session's tqdm bars in the page
             request = DemoRequest(
                 prompt_text, seed_value, frame_count if model.makes_video else None, height_px, width_px, step_count,
                 pattern_name, density=budget if budget_name == "density" else None,

@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sparse = parser.add_argument_group(
         "sparse configurations (a grid, or a file)",
-        f"Grid flags left out take the default configuration's value: ({config_label(default_sparse_config(None))}) for "
-        f"the offline model, the library defaults ({config_label(SparseAttentionConfig())}) with --model.",
+        f"Grid flags left out take the default configuration's value: ({config_label(default_sparse_config(None))}) "
+        f"for the offline model, the library defaults ({config_label(SparseAttentionConfig())}) with --model.",
     )
     sparse.add_argument("--configs", type=Path, default=None, metavar="FILE",
                         help="JSON or YAML list of SparseAttentionConfig dicts (replaces the grid flags)")

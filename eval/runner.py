@@ -194,8 +194,8 @@ def warmup_settings(settings: GenerationSettings, config: SparseAttentionConfig 
 
     Example::
 
-        >>> config = SparseAttentionConfig(dense_steps=2)
-        >>> warmup_settings(GenerationSettings(steps=16), config).steps, warmup_settings(GenerationSettings(steps=16), None).steps
+        >>> settings = GenerationSettings(steps=16)
+        >>> warmup_settings(settings, SparseAttentionConfig(dense_steps=2)).steps, warmup_settings(settings, None).steps
         (3, 1)
     """
     steps = 1 if config is None else config.num_dense_steps(settings.steps) + 1

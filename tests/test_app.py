@@ -90,6 +90,9 @@ def test_changing_only_the_sparse_knobs_reruns_only_the_sparse_side(session, tra
     assert again.summary.dense_steps == 2 and again.config.top_p == 0.9
     other_seed = session.generate(DemoRequest("a cat on the grass", seed=3, pattern="radial", top_p=0.9))
     assert not other_seed.dense_from_cache and len(transformer_calls) == 5 * SPEC.steps
+    all_dense = session.generate(DemoRequest("a cat on the grass", seed=3, pattern="dense"))
+    assert all_dense.dense_from_cache and all_dense.masks.layers == [] and all_dense.masks.default_layer is None
+    assert all_dense.summary.mean_sparse_density is None and all_dense.fidelity.psnr_frame_mean > 90
 
 
 @pytest.mark.parametrize("request_, message", [
@@ -149,6 +152,14 @@ def test_the_served_app_generates_through_gradio_client(client):
     assert layer["value"] == "layer 1" and [value for _, value in head["choices"]] == ["all", "0", "1"]
     another_head = client.submit("layer 0", "1", api_name="/mask").result(timeout=JOB_TIMEOUT_S)
     assert another_head["plot"].startswith("data:image/") and another_head["plot"] != mask_plot["plot"]
+
+
+def test_a_run_without_plans_offers_no_layer_and_no_mask_picture(client):
+    job = client.submit("a fox", 0, SPEC.frames, SPEC.height, SPEC.width, SPEC.steps, "dense", "density", 0.5, 1,
+                        api_name="/generate")
+    *_, details, density_plot, layer, head, mask_plot = job.result(timeout=JOB_TIMEOUT_S)
+    assert "3 of 3 steps dense" in details and density_plot["plot"].startswith("data:image/")
+    assert (layer["choices"], layer["value"], head["choices"], mask_plot) == ([], None, [], None)
 
 
 @pytest.mark.parametrize("frames, budget, message", [
