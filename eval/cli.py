@@ -21,15 +21,13 @@ import torch
 from dit_sparse import SparseAttentionConfig
 from dit_sparse.config import PATTERNS
 
-from .configs import config_grid, config_label, load_config_file, parse_dense_steps
+from .configs import config_grid, config_label, default_sparse_config, load_config_file, parse_dense_steps
 from .evaluation import EvalRequest, evaluate
-from .models import GenerationSettings
-from .offline_model import OFFLINE_SPARSE_CONFIG
+from .models import DTYPES, GenerationSettings, pick_device, pick_dtype
 from .report import format_terminal
 from .vbench_bridge import check_dimensions
 
 DEFAULT_PROMPTS = ["A red fox trots through fresh snow at dawn, its breath steaming in the cold air."]
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sparse = parser.add_argument_group(
         "sparse configurations (a grid, or a file)",
-        f"Grid flags left out take the default configuration's value: ({config_label(OFFLINE_SPARSE_CONFIG)}) for the "
-        f"offline model, the library defaults ({config_label(SparseAttentionConfig())}) with --model.",
+        f"Grid flags left out take the default configuration's value: ({config_label(default_sparse_config(None))}) "
+        f"for the offline model, the library defaults ({config_label(SparseAttentionConfig())}) with --model.",
     )
     sparse.add_argument("--configs", type=Path, default=None, metavar="FILE",
                         help="JSON or YAML list of SparseAttentionConfig dicts (replaces the grid flags)")
@@ -101,13 +99,11 @@ def request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
     try:
         configs = load_config_file(args.configs) if args.configs is not None else _grid(args)
         prompts = _read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = pick_device(args.device)
         check_dimensions(args.vbench)
     except (ValueError, RuntimeError) as error:
         parser.error(str(error))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    dtype = pick_dtype(args.dtype, device)
     settings = GenerationSettings(args.steps, args.frames, args.height, args.width, args.guidance_scale, args.seed)
     return EvalRequest(
         model=args.model, prompts=prompts, configs=configs, settings=settings, out=args.out, warmup=args.warmup,
@@ -134,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _grid(args: argparse.Namespace) -> list[SparseAttentionConfig]:
     """The grid from the flags, each flag left out taken from the default configuration."""
-    default = OFFLINE_SPARSE_CONFIG if args.model is None else SparseAttentionConfig()
+    default = default_sparse_config(args.model)
     densities = args.densities if args.densities is not None else ([] if args.top_p else [default.density])
     dense_steps = [parse_dense_steps(text) for text in args.dense_steps] if args.dense_steps else [default.dense_steps]
     dense_layers = default.dense_layers if args.dense_layers is None else tuple(args.dense_layers)

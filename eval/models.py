@@ -20,8 +20,10 @@ import torch
 
 from .offline_model import OFFLINE_MODEL_NAME, OfflineWanSpec, build_offline_pipeline, offline_prompt_embeds
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-@dataclass
+
+@dataclass(frozen=True)
 class GenerationSettings:
     """What every generation of a run shares. ``None`` leaves a value to the pipeline's default."""
 
@@ -43,7 +45,7 @@ class EvalModel:
         random_weights: whether its weights are random (the offline default).
         offline_spec: the offline model's sizes (``None`` for a loaded model).
         defaults: generation settings the model brings (the offline model's sizes; for a loaded
-            pipeline the step count of its ``__call__``).
+            pipeline the defaults of its ``__call__``: steps, frames, height, width).
     """
 
     pipe: Any
@@ -51,6 +53,11 @@ class EvalModel:
     random_weights: bool
     offline_spec: OfflineWanSpec | None = None
     defaults: GenerationSettings = field(default_factory=GenerationSettings)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the denoiser runs."""
+        return self.pipe.transformer.device
 
     @property
     def makes_video(self) -> bool:
@@ -61,6 +68,47 @@ class EvalModel:
         names = ("steps", "frames", "height", "width", "guidance_scale")
         filled = {name: getattr(self.defaults, name) for name in names if getattr(settings, name) is None}
         return replace(settings, **filled)
+
+    @property
+    def frame_step(self) -> int:
+        """Frame counts the model takes are ``1 + k * frame_step``: its VAE's temporal compression
+        (1 for a pipeline that does not say)."""
+        return getattr(self.pipe, "vae_scale_factor_temporal", None) or 1
+
+    def check_video_size(self, settings: GenerationSettings) -> None:
+        """Raise a ``ValueError`` naming the nearest valid values when the pipeline would silently round
+        the frame count or the frame size of ``settings`` (diffusers' Wan pipelines round frames to
+        ``k * temporal compression + 1`` and sides to the VAE's compression times the patch size).
+
+        Example::
+
+            >>> model.check_video_size(GenerationSettings(frames=30))                 # doctest: +SKIP
+            Traceback (most recent call last):
+            ...
+            ValueError: offline-wan (random weights) takes 4k+1 frames (1, 5, 9, ...); got 30: use 29 or 33
+        """
+        temporal = self.frame_step
+        if settings.frames is not None and (settings.frames - 1) % temporal:
+            lower = (settings.frames - 1) // temporal * temporal + 1
+            raise ValueError(
+                f"{self.name} takes {temporal}k+1 frames (1, {1 + temporal}, {1 + 2 * temporal}, ...); "
+                f"got {settings.frames}: use {lower} or {lower + temporal}"
+            )
+        spatial = getattr(self.pipe, "vae_scale_factor_spatial", None)
+        transformer = getattr(self.pipe, "transformer", None)
+        patch = transformer.config.get("patch_size") if transformer is not None else None
+        if not spatial or not patch:
+            return
+        patch_h, patch_w = (patch, patch) if isinstance(patch, int) else patch[-2:]
+        for name, multiple in (("height", spatial * patch_h), ("width", spatial * patch_w)):
+            value = getattr(settings, name)
+            if value is not None and value % multiple:
+                lower = value // multiple * multiple
+                nearest = f"{lower} or {lower + multiple}" if lower else str(multiple)
+                raise ValueError(
+                    f"{self.name} takes a {name} that is a multiple of {multiple} (its VAE's compression times the "
+                    f"patch size); got {value}: use {nearest}"
+                )
 
     def call_kwargs(self, prompt: str, settings: GenerationSettings) -> dict[str, Any]:
         """Keyword arguments of one pipeline call: raw ``np`` frames, seeded noise."""
@@ -83,21 +131,61 @@ class EvalModel:
         texts = {"prompt_embeds": prompt}
         if settings.guidance_scale is not None and settings.guidance_scale > 1.0:
             texts["negative_prompt_embeds"] = ""
-        device, dtype = self.pipe.transformer.device, self.pipe.transformer.dtype
+        device, dtype = self.device, self.pipe.transformer.dtype
         return {name: offline_prompt_embeds(text, self.offline_spec, settings.seed).to(device, dtype)
                 for name, text in texts.items()}
+
+
+def pick_device(name: str | None) -> torch.device:
+    """The device called ``name`` (``cuda``, ``cuda:1``, ``cpu``); ``None`` picks CUDA when available.
+
+    Example::
+
+        >>> pick_device("cpu")
+        device(type='cpu')
+    """
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        raise ValueError(f"--device {name}: {error}; use cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """The dtype called ``name`` (a key of :data:`DTYPES`); ``None`` picks bfloat16 on CUDA and
+    float32 elsewhere.
+
+    Example::
+
+        >>> pick_dtype(None, torch.device("cpu"))
+        torch.float32
+    """
+    return DTYPES[name or ("bfloat16" if device.type == "cuda" else "float32")]
+
+
+def load_offline_model(spec: OfflineWanSpec, device: torch.device, dtype: torch.dtype) -> EvalModel:
+    """The offline random Wan pipeline of sizes ``spec`` (its default settings from ``spec``), on
+    ``device`` in ``dtype``.
+
+    Example::
+
+        >>> tiny = load_offline_model(OfflineWanSpec(num_layers=2, frames=5, height=32, width=32, steps=3),
+        ...                           torch.device("cpu"), torch.float32)          # doctest: +SKIP
+    """
+    pipe = build_offline_pipeline(spec).to(device)
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    defaults = GenerationSettings(spec.steps, spec.frames, spec.height, spec.width, spec.guidance_scale)
+    return EvalModel(pipe, OFFLINE_MODEL_NAME, random_weights=True, offline_spec=spec, defaults=defaults)
 
 
 def load_model(model: str | None, device: torch.device, dtype: torch.dtype) -> EvalModel:
     """The offline default (``model=None``) or a diffusers pipeline by model id or local directory,
     on ``device`` in ``dtype``."""
     if model is None:
-        spec = OfflineWanSpec()
-        pipe = build_offline_pipeline(spec).to(device)
-        if dtype != torch.float32:
-            pipe.to(dtype=dtype)
-        defaults = GenerationSettings(spec.steps, spec.frames, spec.height, spec.width, spec.guidance_scale)
-        return EvalModel(pipe, OFFLINE_MODEL_NAME, random_weights=True, offline_spec=spec, defaults=defaults)
+        return load_offline_model(OfflineWanSpec(), device, dtype)
 
     from diffusers import DiffusionPipeline
 
@@ -111,9 +199,14 @@ def load_model(model: str | None, device: torch.device, dtype: torch.dtype) -> E
             f"for the offline default"
         ) from error
     pipe = pipe.to(device)
-    steps = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
-    defaults = GenerationSettings(steps=None if steps is None else steps.default)
+    parameters = inspect.signature(pipe.__call__).parameters
+    defaults = GenerationSettings(*(_default_of(parameters.get(name))
+                                    for name in ("num_inference_steps", "num_frames", "height", "width")))
     return EvalModel(pipe, model, random_weights=False, defaults=defaults)
+
+
+def _default_of(parameter: inspect.Parameter | None) -> Any:
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
 def output_frames(output: Any) -> np.ndarray:

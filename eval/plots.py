@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -60,15 +61,15 @@ def density_figure(density: np.ndarray, title: str) -> Figure:
     return fig
 
 
-def mask_figure(masks: np.ndarray, title: str) -> Figure:
+def mask_figure(masks: np.ndarray, title: str, heads: Sequence[int] | None = None) -> Figure:
     """Per-head block masks ``[H, nQ, nK]`` (query blocks down, key blocks across, in the plan's
-    token order); kept blocks are bright."""
-    heads = masks.shape[0]
-    cols = min(heads, 4)
-    rows = math.ceil(heads / cols)
+    token order) of the heads ``heads`` (default: all); kept blocks are bright."""
+    heads = range(masks.shape[0]) if heads is None else heads
+    cols = min(len(heads), 4)
+    rows = math.ceil(len(heads) / cols)
     fig = Figure(figsize=(3.2 * cols, 3.4 * rows), layout="constrained")
-    for head in range(heads):
-        ax = fig.add_subplot(rows, cols, head + 1)
+    for panel, head in enumerate(heads):
+        ax = fig.add_subplot(rows, cols, panel + 1)
         ax.imshow(masks[head], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(f"head {head}: {masks[head].mean():.1%} of blocks", fontsize=9)
         ax.set_xlabel("key block", fontsize=8)

@@ -56,7 +56,7 @@ def build_results(run: EvalRun, machine: dict[str, Any], lpips: LpipsStatus, vbe
         "settings": asdict(run.settings) | {
             "warmup": run.warmup, "repeats": run.repeats, "mask_layer": run.mask_layer,
             "frames_shape": list(run.dense.generations[0].frames.shape),
-            "device": str(model.pipe.transformer.device),
+            "device": str(model.device),
             "dtype": str(model.pipe.transformer.dtype).removeprefix("torch."),
         },
         "prompts": run.prompts,

@@ -166,37 +166,67 @@ class _Session:
         """Warm up, then time every prompt, through ``pipeline`` (``None``: the plain pipeline)."""
         call = self.model.pipe if pipeline is None else pipeline
         config = None if pipeline is None else pipeline.config
-        warmup_steps = 1 if config is None else config.num_dense_steps(self.settings.steps) + 1
-        warmup_settings = replace(self.settings, steps=min(self.settings.steps, warmup_steps))
         for _ in range(self.warmup):
             self.bar.set_postfix_str(f"{name}: warm-up")
-            call(**self.model.call_kwargs(self.prompts[0], warmup_settings))
+            call(**self.model.call_kwargs(self.prompts[0], warmup_settings(self.settings, config)))
             self.bar.update()
         generations = [self._timed(name, index, call) for index in range(len(self.prompts))]
-        masks = {} if pipeline is None else _block_masks(pipeline, self.mask_layer)
+        masks = {} if pipeline is None else {(transformer, context): mask for (transformer, layer, context), mask
+                                             in plan_block_masks(pipeline).items() if layer == self.mask_layer}
         return VariantRun(name, label, config, generations, masks)
 
     def _timed(self, name: str, index: int, call: Callable[..., Any]) -> Generation:
-        device = self.model.pipe.transformer.device
         walls, attention, output = [], [], None
         for repeat in range(self.repeats):
             self.bar.set_postfix_str(f"{name}: prompt {index + 1}/{len(self.prompts)}, run {repeat + 1}/{self.repeats}")
             kwargs = self.model.call_kwargs(self.prompts[index], self.settings)
-            self.timer.reset()
-            _synchronize(device)
-            start = time.perf_counter()
-            output = call(**kwargs)
-            _synchronize(device)
-            walls.append(time.perf_counter() - start)
-            attention.append(self.timer.seconds())
+            output, wall_seconds, attention_seconds = timed_call(call, kwargs, self.timer, self.model.device)
+            walls.append(wall_seconds)
+            attention.append(attention_seconds)
             self.bar.update()
         stats = call.last_stats.to_dict() if isinstance(call, SparsePipeline) else None
         return Generation(output_frames(output), walls, attention, stats)
 
 
-def _block_masks(pipeline: SparsePipeline, layer: int) -> dict[tuple[str, str], np.ndarray]:
-    return {(key.transformer, key.context): entry.plan.to_block_mask()[0].cpu().numpy()
-            for key, entry in pipeline.controller.plans.items() if key.layer == layer}
+def warmup_settings(settings: GenerationSettings, config: SparseAttentionConfig | None) -> GenerationSettings:
+    """``settings`` (resolved) cut to the first sparse step of ``config`` (its dense steps + 1; one
+    step for dense, ``config=None``): a call that pays every one-time cost of the paths it times.
+
+    Example::
+
+        >>> settings = GenerationSettings(steps=16)
+        >>> warmup_settings(settings, SparseAttentionConfig(dense_steps=2)).steps, warmup_settings(settings, None).steps
+        (3, 1)
+    """
+    steps = 1 if config is None else config.num_dense_steps(settings.steps) + 1
+    return replace(settings, steps=min(settings.steps, steps))
+
+
+def timed_call(
+    call: Callable[..., Any], kwargs: dict[str, Any], timer: AttentionTimer, device: torch.device
+) -> tuple[Any, float, dict[str, float]]:
+    """One pipeline call with ``device`` synchronised on both sides: its output, wall seconds, and
+    seconds in self- and cross-attention (``timer`` must be active).
+
+    Example::
+
+        >>> with AttentionTimer(model.pipe) as timer:                             # doctest: +SKIP
+        ...     output, wall, attention = timed_call(model.pipe, model.call_kwargs("a fox", settings), timer,
+        ...                                          model.device)
+    """
+    timer.reset()
+    _synchronize(device)
+    start = time.perf_counter()
+    output = call(**kwargs)
+    _synchronize(device)
+    return output, time.perf_counter() - start, timer.seconds()
+
+
+def plan_block_masks(pipeline: SparsePipeline) -> dict[tuple[str, int, str], np.ndarray]:
+    """The ``[H, nQ, nK]`` block mask (first batch element) of every plan the pipeline holds, by
+    ``(transformer, layer, context)``: what the latest call calibrated (or loaded)."""
+    return {(key.transformer, key.layer, key.context): entry.plan.to_block_mask()[0].cpu().numpy()
+            for key, entry in pipeline.controller.plans.items()}
 
 
 def _synchronize(device: torch.device) -> None:

@@ -21,3 +21,11 @@ def test_integration_quick_start_runs(one_thread, tmp_path, monkeypatch, capsys)
     assert stats.sparse_calls > 0 and 0 < stats.mean_sparse_density < 1
     assert (tmp_path / "wan-plans.safetensors").exists()
     assert "self-attention calls sparse" in capsys.readouterr().out
+
+
+def test_app_python_example_runs(one_thread, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(marked_block(DOCS / "app.md", "app-example"), namespace)
+    assert namespace["again"].dense_from_cache and (tmp_path / "mask.png").exists()
+    assert "dense from the cache: True" in capsys.readouterr().out

@@ -51,7 +51,8 @@ def saved_tiny_wan(tmp_path_factory):
 def test_a_saved_pipeline_loads_and_generates_from_string_prompts(saved_tiny_wan):
     model = load_model(str(saved_tiny_wan), torch.device("cpu"), torch.float32)
     assert not model.random_weights and model.offline_spec is None and model.makes_video
-    assert model.defaults.steps == 50                     # WanPipeline.__call__'s own default
+    assert (model.defaults.steps, model.defaults.frames, model.defaults.height, model.defaults.width) == (
+        50, 81, 480, 832)                                  # WanPipeline.__call__'s own defaults
     settings = GenerationSettings(steps=2, frames=5, height=16, width=16, guidance_scale=1.0)
     model.pipe.set_progress_bar_config(disable=True)
     first = output_frames(model.pipe(**model.call_kwargs("a red fox in the snow", settings)))
@@ -61,6 +62,17 @@ def test_a_saved_pipeline_loads_and_generates_from_string_prompts(saved_tiny_wan
     assert 0.0 <= first.min() and first.max() <= 1.0
     np.testing.assert_array_equal(first, again)            # same prompt and seed: same video
     assert not np.array_equal(first, other)                # the prompt reaches the model
+
+
+def test_sizes_the_pipeline_would_round_are_refused_with_the_nearest_valid_ones(saved_tiny_wan):
+    model = load_model(str(saved_tiny_wan), torch.device("cpu"), torch.float32)   # VAE 4x in time, 8x in space; patch 2
+    model.check_video_size(GenerationSettings(frames=9, height=32, width=48))
+    with pytest.raises(ValueError, match=r"takes 4k\+1 frames \(1, 5, 9, ...\); got 10: use 9 or 13"):
+        model.check_video_size(GenerationSettings(frames=10))
+    with pytest.raises(ValueError, match="width that is a multiple of 16 .*; got 40: use 32 or 48"):
+        model.check_video_size(GenerationSettings(height=32, width=40))
+    with pytest.raises(ValueError, match="height that is a multiple of 16 .*; got 8: use 16$"):
+        model.check_video_size(GenerationSettings(height=8))
 
 
 def test_a_model_that_cannot_load_is_a_clear_error(tmp_path):
