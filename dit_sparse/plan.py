@@ -92,9 +92,8 @@ class BlockSparsePlan:
                 f"{layout.seq_len} tokens in blocks of ({bq}, {bk}), got {tuple(block_mask.shape)}"
             )
         block_mask = block_mask.clone()
-        if layout.text_len:
-            block_mask[..., layout.video_len // bq :, :] = True
-            block_mask[..., layout.video_len // bk :] = True
+        block_mask[..., layout.num_video_blocks(bq) :, :] = True
+        block_mask[..., layout.num_video_blocks(bk) :] = True
         counts = block_mask.sum(-1, dtype=torch.int32)
         indices = block_mask.nonzero()[:, -1]
         return cls(layout, (bq, bk), counts, indices, q_order, kv_order)
@@ -291,10 +290,10 @@ class BlockSparsePlan:
         row_start[self.kv_offsets.reshape(-1)[counts.reshape(-1) > 0]] = True
         if total > 1 and not (idx[1:] > idx[:-1])[~row_start[1:]].all():
             raise ValueError("the key block indices of each row must be strictly increasing (sorted, no repeats)")
-        text_q = self.layout.video_len // self.block_size_q if self.layout.text_len else self.num_q_blocks
+        text_q = self.layout.num_video_blocks(self.block_size_q)
         if (counts[..., text_q:] != self.num_kv_blocks).any():
             raise ValueError("text query blocks must attend every key block")
-        n_text_k = self.num_kv_blocks - self.layout.video_len // self.block_size_k if self.layout.text_len else 0
+        n_text_k = self.num_kv_blocks - self.layout.num_video_blocks(self.block_size_k)
         if n_text_k:
             if (counts < n_text_k).any():
                 raise ValueError("every query block must attend all text key blocks")
