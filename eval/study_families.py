@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 
 from dit_sparse import SparseAttentionConfig
 from dit_sparse.planner import FAMILIES, calibrate, plan_from_calibration

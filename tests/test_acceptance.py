@@ -3,7 +3,6 @@
 family on every head type and better than every single family on the mix."""
 
 import pytest
-import torch
 import torch.nn.functional as F
 
 from dit_sparse import SparseAttentionConfig, sparse_attention
