@@ -1,0 +1,420 @@
+"""Train the reference model from scratch and write it as a diffusers pipeline folder.
+
+    python -m dit_sparse.eval.reference.train --work reference-train --out eval/reference/model \\
+        --plot docs/img/reference_training.png
+
+Stages, each seeded, checkpointed every ``--checkpoint-every`` steps and resumed from its last
+checkpoint when the command runs again (a finished stage is skipped):
+
+1. ``vae``: the ``AutoencoderKLWan`` on 9-frame clips (64x64 windows of 128x128 renders, and whole
+   64x64 renders), L1 + MSE with a small KL term; then its reconstruction PSNR on held-out clips.
+2. ``latents``: the VAE encodes ``--latent-clips`` 29-frame 64x64 training clips once; per-channel
+   mean and standard deviation become the VAE's ``latents_mean`` / ``latents_std``.
+3. ``transformer``: the ``WanTransformer3DModel`` and the ``UMT5EncoderModel`` together, by flow
+   matching on those latents (2,048 tokens per clip), with prompt dropout so that CFG works.
+4. ``finetune``: the same at the default size (29 frames of 128x128, 8,192 tokens), clips rendered
+   and encoded as they are needed.
+5. ``export``: the exponential moving averages of the weights, saved with ``save_pretrained``, a
+   ``training.json`` with the command and its figures, and the loss plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .clips import HELDOUT_SEED_START, clip_spec, render_clip
+from .components import (ReferenceSizes, assemble_pipeline, build_text_encoder, build_tokenizer,
+                         build_transformer, build_vae)
+
+VAE_FRAMES = 9
+CLIP_FRAMES = 29
+SMALL_SIDE = 64
+PROMPT_DROPOUT = 0.1
+VAE_KL_WEIGHT = 1e-6
+EMA_DECAY = 0.995
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Steps and batch sizes of every stage (the defaults are the shipped model's)."""
+
+    vae_steps: int = 600
+    vae_batch: int = 4
+    vae_lr: float = 1e-3
+    latent_clips: int = 3000
+    steps: int = 1000
+    batch: int = 4
+    lr: float = 1e-3
+    finetune_steps: int = 120
+    finetune_batch: int = 1
+    finetune_lr: float = 3e-4
+    finetune_ema_decay: float = 0.98
+    heldout_clips: int = 8
+    checkpoint_every: int = 25
+    seed: int = 0
+
+
+def to_model_range(frames: torch.Tensor) -> torch.Tensor:
+    """``(B, F, H, W, 3)`` frames in ``[0, 1]`` to the VAE's ``(B, 3, F, H, W)`` in ``[-1, 1]``."""
+    return frames.permute(0, 4, 1, 2, 3) * 2 - 1
+
+
+def vae_batch(step: int, settings: TrainSettings) -> torch.Tensor:
+    """Training clips for VAE step ``step``: half are 64x64 windows of 128x128 renders, half whole
+    64x64 renders, so the VAE sees objects at both scales the transformer uses."""
+    clips = []
+    for i in range(settings.vae_batch):
+        seed = step * settings.vae_batch + i
+        if i % 2:
+            clips.append(render_clip(clip_spec(seed), VAE_FRAMES, SMALL_SIDE, SMALL_SIDE))
+            continue
+        full = render_clip(clip_spec(seed), VAE_FRAMES, 2 * SMALL_SIDE, 2 * SMALL_SIDE)
+        gen = torch.Generator().manual_seed(seed)
+        top, left = torch.randint(0, SMALL_SIDE + 1, (2,), generator=gen).tolist()
+        clips.append(full[:, top:top + SMALL_SIDE, left:left + SMALL_SIDE])
+    return to_model_range(torch.stack(clips))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of frames in ``[-1, 1]`` (on the ``[0, 1]`` scale)."""
+    mse = ((a - b) / 2).clamp(-1, 1).pow(2).mean().item()
+    return 10 * math.log10(1 / max(mse, 1e-12))
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int = 20) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))))
+
+
+class Checkpoints:
+    """One stage's checkpoint file in the work folder, written atomically."""
+
+    def __init__(self, work: Path, stage: str):
+        self.path = work / f"{stage}.ckpt"
+
+    def load(self) -> dict | None:
+        return torch.load(self.path, weights_only=False) if self.path.exists() else None
+
+    def save(self, state: dict) -> None:
+        partial = self.path.with_suffix(".partial")
+        torch.save(state, partial)
+        partial.replace(self.path)
+
+
+class LossLog:
+    """``stage,step,loss`` lines in ``work/loss.csv``; a resumed stage drops lines past its checkpoint."""
+
+    def __init__(self, work: Path):
+        self.path = work / "loss.csv"
+
+    def truncate(self, stage: str, step: int) -> None:
+        if self.path.exists():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if not (line.split(",")[0] == stage and int(line.split(",")[1]) >= step)]
+            self.path.write_text("".join(line + "\n" for line in keep))
+
+    def add(self, stage: str, step: int, loss: float) -> None:
+        with self.path.open("a") as file:
+            file.write(f"{stage},{step},{loss:.6f}\n")
+
+    def read(self) -> dict[str, list[tuple[int, float]]]:
+        curves: dict[str, list[tuple[int, float]]] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                stage, step, loss = line.split(",")
+                curves.setdefault(stage, []).append((int(step), float(loss)))
+        return curves
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for target, source in zip(ema.parameters(), model.parameters(), strict=True):
+            target.lerp_(source, 1 - decay)
+
+
+def train_vae(work: Path, sizes: ReferenceSizes, settings: TrainSettings, log: LossLog) -> torch.nn.Module:
+    """Stage 1: the VAE, returned trained (its held-out PSNR is written to ``work/vae.json``)."""
+    checkpoints = Checkpoints(work, "vae")
+    torch.manual_seed(settings.seed)
+    vae = build_vae(sizes)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
+    state = checkpoints.load()
+    start = 0
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    log.truncate("vae", start)
+    bar = tqdm(range(start, settings.vae_steps), desc="vae", initial=start, total=settings.vae_steps)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, settings.vae_steps, settings.vae_lr)
+        clips = vae_batch(step, settings)
+        posterior = vae.encode(clips).latent_dist
+        generator = torch.Generator().manual_seed(settings.seed + step)
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        recon = vae.decode(latents).sample
+        loss = F.l1_loss(recon, clips) + F.mse_loss(recon, clips) + VAE_KL_WEIGHT * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        log.add("vae", step, loss.item())
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.vae_steps:
+            checkpoints.save({"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1})
+    vae.eval().requires_grad_(False)
+    report = work / "vae.json"
+    if not report.exists():
+        report.write_text(json.dumps(heldout_vae_psnr(vae, sizes, settings.heldout_clips), indent=2))
+    return vae
+
+
+def heldout_vae_psnr(vae: torch.nn.Module, sizes: ReferenceSizes, clips: int) -> dict:
+    """Reconstruction PSNR of ``clips`` held-out clips at the default size, per clip and mean."""
+    values = []
+    with torch.no_grad():
+        for seed in range(HELDOUT_SEED_START, HELDOUT_SEED_START + clips):
+            video = to_model_range(render_clip(clip_spec(seed), sizes.frames, sizes.height, sizes.width)[None])
+            values.append(psnr(vae.decode(vae.encode(video).latent_dist.mode()).sample, video))
+    return {"heldout_seeds": [HELDOUT_SEED_START, HELDOUT_SEED_START + clips], "psnr_db": values,
+            "mean_psnr_db": sum(values) / len(values), "frames": sizes.frames, "height": sizes.height,
+            "width": sizes.width}
+
+
+def encode_latents(work: Path, vae: torch.nn.Module, settings: TrainSettings) -> dict:
+    """Stage 2: 29-frame 64x64 training clips encoded once (``work/latents.pt``), with their prompts
+    and the per-channel statistics that normalise them."""
+    path = work / "latents.pt"
+    if path.exists():
+        return torch.load(path)
+    chunk_size = 8
+    latents, prompts = [], []
+    first_seed = 10 * settings.vae_steps * settings.vae_batch  # clips the VAE never saw
+    with torch.no_grad():
+        for start in tqdm(range(0, settings.latent_clips, chunk_size), desc="latents"):
+            seeds = range(first_seed + start, first_seed + min(start + chunk_size, settings.latent_clips))
+            clips = torch.stack([render_clip(clip_spec(seed), CLIP_FRAMES, SMALL_SIDE, SMALL_SIDE) for seed in seeds])
+            latents.append(vae.encode(to_model_range(clips)).latent_dist.mode())
+            prompts += [clip_spec(seed).prompt for seed in seeds]
+    stacked = torch.cat(latents)
+    data = {"latents": stacked, "prompts": prompts, "mean": stacked.mean(dim=(0, 2, 3, 4)),
+            "std": stacked.std(dim=(0, 2, 3, 4))}
+    torch.save(data, path)
+    return data
+
+
+class Denoiser:
+    """The transformer and text encoder in training, their EMA copies, and one flow-matching step."""
+
+    def __init__(self, sizes: ReferenceSizes, seed: int):
+        torch.manual_seed(seed)
+        self.sizes = sizes
+        self.tokenizer = build_tokenizer(sizes.max_sequence_length)
+        self.transformer = build_transformer(sizes)
+        self.text_encoder = build_text_encoder(sizes)
+        self.ema_transformer = build_transformer(sizes).requires_grad_(False)
+        self.ema_text_encoder = build_text_encoder(sizes).requires_grad_(False)
+        self.ema_transformer.load_state_dict(self.transformer.state_dict())
+        self.ema_text_encoder.load_state_dict(self.text_encoder.state_dict())
+        self.parameters = [*self.transformer.parameters(), *self.text_encoder.parameters()]
+
+    def state(self) -> dict:
+        return {name: getattr(self, name).state_dict()
+                for name in ("transformer", "text_encoder", "ema_transformer", "ema_text_encoder")}
+
+    def load(self, state: dict) -> None:
+        for name, value in state.items():
+            getattr(self, name).load_state_dict(value)
+
+    def prompt_embeds(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings exactly as ``WanPipeline`` makes them: encoded with the attention mask,
+        zeroed past each prompt's length, ``max_sequence_length`` long."""
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.sizes.max_sequence_length,
+                                truncation=True, add_special_tokens=True, return_attention_mask=True,
+                                return_tensors="pt")
+        embeds = self.text_encoder(tokens.input_ids, tokens.attention_mask).last_hidden_state
+        return embeds * tokens.attention_mask[..., None]
+
+    def loss(self, latents: torch.Tensor, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
+        """Flow-matching loss: ``x_t = (1 - s) x0 + s n``, target ``n - x0``, ``s`` logit-normal and
+        shifted as the scheduler shifts its sigmas."""
+        batch = latents.shape[0]
+        dropped = torch.rand(batch, generator=generator) < PROMPT_DROPOUT
+        prompts = ["" if drop else prompt for prompt, drop in zip(prompts, dropped.tolist(), strict=True)]
+        sigma = torch.sigmoid(torch.randn(batch, generator=generator))
+        shift = self.sizes.flow_shift
+        sigma = shift * sigma / (1 + (shift - 1) * sigma)
+        noise = torch.randn(latents.shape, generator=generator)
+        s = sigma.view(batch, 1, 1, 1, 1)
+        noisy = (1 - s) * latents + s * noise
+        prediction = self.transformer(noisy, timestep=sigma * 1000, encoder_hidden_states=self.prompt_embeds(prompts),
+                                      return_dict=False)[0]
+        return F.mse_loss(prediction, noise - latents)
+
+    def update_ema(self, decay: float) -> None:
+        ema_update(self.ema_transformer, self.transformer, decay)
+        ema_update(self.ema_text_encoder, self.text_encoder, decay)
+
+
+def train_denoiser(stage: str, work: Path, denoiser: Denoiser, steps: int, lr: float, ema_decay: float,
+                   batches, log: LossLog, settings: TrainSettings) -> None:
+    """Stages 3 and 4: ``steps`` AdamW steps on ``batches(step) -> (latents, prompts)``, resumed
+    from the stage's checkpoint (a finished stage only loads its weights)."""
+    checkpoints = Checkpoints(work, stage)
+    optimizer = torch.optim.AdamW(denoiser.parameters, lr=lr, weight_decay=0.01)
+    state = checkpoints.load()
+    start = 0
+    if state is not None:
+        denoiser.load(state["models"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    log.truncate(stage, start)
+    bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr)
+        latents, prompts = batches(step)
+        loss = denoiser.loss(latents, prompts, torch.Generator().manual_seed(settings.seed + len(stage) * 10**6 + step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(denoiser.parameters, 1.0)
+        optimizer.step()
+        denoiser.update_ema(ema_decay)
+        log.add(stage, step, loss.item())
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == steps:
+            checkpoints.save({"models": denoiser.state(), "optimizer": optimizer.state_dict(), "step": step + 1})
+
+
+
+def cached_batches(data: dict, settings: TrainSettings):
+    """Batches of the encoded 64x64 clips, normalised, in a seeded order."""
+    normalised = (data["latents"] - data["mean"].view(1, -1, 1, 1, 1)) / data["std"].view(1, -1, 1, 1, 1)
+
+    def batch(step: int) -> tuple[torch.Tensor, list[str]]:
+        index = torch.randint(0, len(normalised), (settings.batch,),
+                              generator=torch.Generator().manual_seed(settings.seed + 7 * step))
+        return normalised[index], [data["prompts"][i] for i in index.tolist()]
+
+    return batch
+
+
+def rendered_batches(vae: torch.nn.Module, data: dict, sizes: ReferenceSizes, settings: TrainSettings):
+    """Batches of clips at the default size, rendered and encoded when they are needed."""
+    first_seed = 20 * settings.vae_steps * settings.vae_batch + settings.latent_clips
+
+    def batch(step: int) -> tuple[torch.Tensor, list[str]]:
+        seeds = [first_seed + step * settings.finetune_batch + i for i in range(settings.finetune_batch)]
+        clips = torch.stack([render_clip(clip_spec(seed), sizes.frames, sizes.height, sizes.width) for seed in seeds])
+        with torch.no_grad():
+            latents = vae.encode(to_model_range(clips)).latent_dist.mode()
+        latents = (latents - data["mean"].view(1, -1, 1, 1, 1)) / data["std"].view(1, -1, 1, 1, 1)
+        return latents, [clip_spec(seed).prompt for seed in seeds]
+
+    return batch
+
+
+def export(out: Path, work: Path, vae: torch.nn.Module, data: dict, denoiser: Denoiser, sizes: ReferenceSizes,
+           settings: TrainSettings, log: LossLog, plot: Path | None, seconds: float) -> None:
+    """Stage 5: the pipeline folder with the EMA weights, ``training.json`` and the loss plot."""
+    vae.register_to_config(latents_mean=data["mean"].tolist(), latents_std=data["std"].tolist())
+    pipe = assemble_pipeline(vae, denoiser.ema_text_encoder.eval(), denoiser.ema_transformer.eval(), sizes)
+    pipe.save_pretrained(out, safe_serialization=True)
+    curves = log.read()
+    summary = {
+        "command": "python -m dit_sparse.eval.reference.train " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "sizes": sizes.to_dict(),
+        "settings": settings.__dict__,
+        "vae_reconstruction": json.loads((work / "vae.json").read_text()),
+        "final_loss": {stage: sum(v for _, v in points[-50:]) / len(points[-50:]) for stage, points in curves.items()},
+        "seconds_this_sitting": round(seconds),
+        "parameters": {name: sum(p.numel() for p in module.parameters())
+                       for name, module in (("transformer", pipe.transformer), ("text_encoder", pipe.text_encoder),
+                                            ("vae", pipe.vae))},
+    }
+    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if plot is not None:
+        plot_losses(curves, plot)
+
+
+def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    """One panel per stage: the loss at every step and its running mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2), squeeze=False)
+    for ax, (stage, points) in zip(axes[0], curves.items(), strict=True):
+        steps = [s for s, _ in points]
+        losses = torch.tensor([v for _, v in points])
+        window = max(1, len(points) // 20)
+        smooth = losses.unfold(0, window, 1).mean(1) if len(points) >= window else losses
+        ax.plot(steps, losses, color="0.75", linewidth=0.8, label="step")
+        ax.plot(steps[window - 1:], smooth, color="C0", label=f"mean of {window}")
+        ax.set_yscale("log")
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("loss")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dit_sparse.eval.reference.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = TrainSettings()
+    parser.add_argument("--work", type=Path, required=True, help="checkpoints, cached latents and the loss log")
+    parser.add_argument("--out", type=Path, required=True, help="the pipeline folder to write")
+    parser.add_argument("--plot", type=Path, default=None, help="where to save the loss curves (PNG)")
+    for name, value in defaults.__dict__.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
+                            help=f"default: {value}")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return parser
+
+
+def train(work: Path, out: Path, sizes: ReferenceSizes, settings: TrainSettings, plot: Path | None = None) -> None:
+    """Run every stage not yet finished in ``work`` and write the pipeline folder ``out``."""
+    began = time.time()
+    work.mkdir(parents=True, exist_ok=True)
+    log = LossLog(work)
+    vae = train_vae(work, sizes, settings, log)
+    data = encode_latents(work, vae, settings)
+    denoiser = Denoiser(sizes, settings.seed)
+    train_denoiser("transformer", work, denoiser, settings.steps, settings.lr, EMA_DECAY,
+                   cached_batches(data, settings), log, settings)
+    train_denoiser("finetune", work, denoiser, settings.finetune_steps, settings.finetune_lr,
+                   settings.finetune_ema_decay, rendered_batches(vae, data, sizes, settings), log, settings)
+    export(out, work, vae, data, denoiser, sizes, settings, log, plot, time.time() - began)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    settings = TrainSettings(**{name: getattr(args, name) for name in TrainSettings.__dataclass_fields__})
+    if args.out.exists() and any(args.out.iterdir()) and not (args.out / "model_index.json").exists():
+        raise SystemExit(f"--out {args.out} exists and is not a pipeline folder; name an empty or new folder")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train(args.work, args.out, ReferenceSizes(), settings, args.plot)
+    print(f"wrote {args.out} ({args.out / 'training.json'})")
+
+
+if __name__ == "__main__":
+    main()
