@@ -7,7 +7,8 @@ Stages, each seeded, checkpointed every ``--checkpoint-every`` steps and resumed
 checkpoint when the command runs again (a finished stage is skipped):
 
 1. ``vae``: the ``AutoencoderKLWan`` on 9-frame clips (64x64 windows of 128x128 renders, and whole
-   64x64 renders), L1 + MSE with a small KL term; then its reconstruction PSNR on held-out clips.
+   64x64 renders), decoding the posterior mean (the transformer is trained on means too), L1 + MSE
+   with a small KL term; then its reconstruction PSNR on held-out clips.
 2. ``latents``: the VAE encodes ``--latent-clips`` 29-frame 64x64 training clips once; per-channel
    mean and standard deviation become the VAE's ``latents_mean`` / ``latents_std``.
 3. ``transformer``: the ``WanTransformer3DModel`` and the ``UMT5EncoderModel`` together, by flow
@@ -53,10 +54,10 @@ class TrainSettings:
     vae_batch: int = 4
     vae_lr: float = 1e-3
     latent_clips: int = 3000
-    steps: int = 1000
+    steps: int = 700
     batch: int = 4
     lr: float = 1e-3
-    finetune_steps: int = 120
+    finetune_steps: int = 100
     finetune_batch: int = 1
     finetune_lr: float = 3e-4
     finetune_ema_decay: float = 0.98
@@ -163,9 +164,7 @@ def train_vae(work: Path, sizes: ReferenceSizes, settings: TrainSettings, log: L
             group["lr"] = cosine_lr(step, settings.vae_steps, settings.vae_lr)
         clips = vae_batch(step, settings)
         posterior = vae.encode(clips).latent_dist
-        generator = torch.Generator().manual_seed(settings.seed + step)
-        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
-        recon = vae.decode(latents).sample
+        recon = vae.decode(posterior.mode()).sample
         loss = F.l1_loss(recon, clips) + F.mse_loss(recon, clips) + VAE_KL_WEIGHT * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
