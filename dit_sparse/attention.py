@@ -6,9 +6,8 @@ import functools
 
 import torch
 
+from .config import BACKENDS
 from .plan import BlockSparsePlan
-
-BACKENDS = ("auto", "torch", "torch_reference", "triton", "flex")
 
 
 def sparse_attention(

@@ -23,6 +23,7 @@ from dit_sparse import SparseAttentionConfig
 from .machine import OtherCpuUse, machine_info
 from .metrics import lpips_status
 from .models import GenerationSettings, load_model
+from .preflight import check_before_loading, check_sparse_steps
 from .plots import density_figure, mask_figure, save_figure, speedup_vs_psnr_figure
 from .report import write_json, write_markdown
 from .results import VBenchScores, build_results, own_flicker_scores
@@ -59,10 +60,17 @@ class EvalRequest:
 
 
 def evaluate(request: EvalRequest) -> dict[str, Any]:
-    """Run ``request`` and write every output under ``request.out``; returns the results."""
+    """Run ``request`` and write every output under ``request.out``; returns the results. Bad input is
+    a ``ValueError`` naming the problem, before the model loads where it can be
+    (:func:`~dit_sparse.eval.preflight.check_before_loading`), else right after."""
+    check_before_loading(request.model, request.settings, request.configs, request.out)
     vbench_plan = plan_vbench(request.vbench_dimensions, request.vbench_python)
     lpips = lpips_status()
     model = load_model(request.model, request.device, request.dtype)
+    settings = model.resolve(request.settings)
+    model.check_video_size(settings)
+    if settings.steps is not None:
+        check_sparse_steps(request.configs, settings.steps)
     out = request.out
     out.mkdir(parents=True, exist_ok=True)
     with OtherCpuUse() as other:
