@@ -21,7 +21,7 @@ from dit_sparse.config import PATTERNS, SparseAttentionConfig
 
 from .configs import config_grid, config_label, default_sparse_config, load_config_file, parse_dense_steps
 from .preflight import check_before_loading
-from .settings import DTYPE_NAMES, GenerationSettings
+from .settings import DTYPE_NAMES, MAX_SEED, GenerationSettings
 from .vbench_bridge import check_dimensions
 
 if TYPE_CHECKING:
@@ -94,8 +94,12 @@ def request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1, got {value}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    for name in ("warmup", "mask_layer"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if not 0 <= args.seed <= MAX_SEED:
+        parser.error(f"--seed must lie in [0, {MAX_SEED}], got {args.seed}")
     grid_flags = [f"--{n.replace('_', '-')}" for n in ("patterns", "densities", "top_p", "dense_steps", "dense_layers")
                   if getattr(args, n) is not None]
     if args.configs is not None and grid_flags:
@@ -111,6 +115,8 @@ def request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         device = pick_device(args.device)
     except (ValueError, RuntimeError) as error:
         parser.error(str(error))
+    except OSError as error:
+        parser.error(f"cannot read {error.filename}: {error.strerror}")
     from .evaluation import EvalRequest
 
     return EvalRequest(

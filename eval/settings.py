@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
+MAX_SEED = 2**63 - 1  # the largest seed the commands take (a non-negative int64)
 
 
 @dataclass(frozen=True)

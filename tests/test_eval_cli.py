@@ -59,6 +59,8 @@ def test_grid_flags_and_prompt_files(tmp_path):
         (["--vbench", "sharpness"], "unknown VBench dimensions sharpness"),
         (["--patterns", "diagonal"], "invalid choice: 'diagonal'"),
         (["--warmup", "-1"], "--warmup must be >= 0"),
+        (["--mask-layer", "-1"], "--mask-layer must be >= 0, got -1"),
+        (["--seed", "-3"], "--seed must lie in [0, 9223372036854775807], got -3"),
         (["--frames", "30"], "offline-wan (random weights) takes 4k+1 frames (1, 5, 9, ...); got 30: use 29 or 33"),
         (["--height", "120"], "takes a height that is a multiple of 16 (WanPipeline requires it); got 120: use 112 or 128"),
         (["--width", "8"], "takes a width that is a multiple of 16 (WanPipeline requires it); got 8: use 16"),
@@ -145,6 +147,17 @@ def test_a_folder_rule_follows_its_config_files(tmp_path, capsys):
                                                                          capsys)
     request = _request(["--model", str(folder), "--frames", "29", "--height", "128", "--width", "128"])
     assert request.settings.frames == 29
+
+
+def test_an_unreadable_prompt_file_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n")
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(type(prompts), "read_text", refuse)
+    assert f"cannot read {prompts}: Permission denied" in _error(["--prompts", str(prompts)], capsys)
 
 
 def test_a_user_error_ends_with_a_message_not_a_traceback(tmp_path):
