@@ -76,7 +76,7 @@ def load_config_file(path: Path) -> list[SparseAttentionConfig]:
         >>> load_config_file(Path("configs.yaml"))                                      # doctest: +SKIP
         Traceback (most recent call last):
         ...
-        ValueError: configs.yaml, line 2, column 1: not valid YAML (expected <block end>, but found '{')
+        ValueError: configs.yaml, line 3, column 1: not valid YAML (expected ',' or '}', but got '<stream end>')
     """
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist" if not path.exists() else f"config file {path} is not a file")
