@@ -54,7 +54,7 @@ def wall_time_figure(rows: list[tuple[str, float, float]]) -> Figure:
     ax.set_xlim(0, walls.max() * 1.3)
     ax.set_xlabel("wall time of one pipeline call (s)")
     ax.set_title("Where the time goes")
-    ax.legend(fontsize=8, loc="lower right")
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     return fig
 
 
