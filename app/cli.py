@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from dit_sparse.eval.models import DTYPES, load_model, pick_device, pick_dtype
+from dit_sparse.eval.settings import DTYPE_NAMES
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -29,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                         help="default: bfloat16 on CUDA, float32 elsewhere")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--fps", type=int, default=16, help="frame rate of the videos (default: 16)")
@@ -46,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1, got {value}")
+    import torch  # after the arguments are checked: --help and argument errors return at once
+
+    from dit_sparse.eval.models import load_model, pick_device, pick_dtype
+
     try:
         device = pick_device(args.device)
     except ValueError as error:

@@ -30,6 +30,7 @@ from dit_sparse.eval.metrics import Fidelity, compare_videos
 from dit_sparse.eval.models import EvalModel, GenerationSettings, output_frames
 from dit_sparse.eval.plots import density_figure
 from dit_sparse.eval.runner import plan_block_masks, timed_call, warmup_settings
+from dit_sparse.eval.settings import MAX_SEED
 from dit_sparse.eval.sparse_stats import SparseRunSummary, summarize_sparse_run
 from dit_sparse.eval.videos import write_video
 from dit_sparse.pipelines.adapter import adapter_for
@@ -39,7 +40,6 @@ from .dense_cache import DenseCache, DenseKey, DenseRun
 from .plan_masks import PlanMasks
 
 DEFAULT_PROMPT = "A red fox trots through fresh snow at dawn, its breath steaming in the cold air."
-MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)

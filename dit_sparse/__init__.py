@@ -8,37 +8,34 @@ Example::
     video = pipe(prompt="a cat surfing", num_frames=81).frames[0]
 """
 
+from importlib import import_module
 from typing import Any
-
-from .attention import sparse_attention
-from .config import SparseAttentionConfig
-from .controller import SparseAttentionController
-from .layout import TokenLayout
-from .plan import BlockSparsePlan
-from .stats import SparseRunStats
 
 __version__ = "0.1.0"
 
-# Names that live in dit_sparse.pipelines (which imports diffusers' models): loaded on first use, so
-# the core never imports the pipelines layer at import time.
-_PIPELINE_NAMES = ("SparsePipeline", "apply_sparse_attention", "remove_sparse_attention")
+# Every public name, by the module that defines it. Each loads on first use: ``import dit_sparse``
+# (and a command-line ``--help`` under it) imports neither torch nor diffusers, and the core never
+# imports the pipelines layer, which imports diffusers' models.
+_SOURCES = {
+    "BlockSparsePlan": ".plan",
+    "SparseAttentionConfig": ".config",
+    "SparseAttentionController": ".controller",
+    "SparsePipeline": ".pipelines",
+    "SparseRunStats": ".stats",
+    "TokenLayout": ".layout",
+    "apply_sparse_attention": ".pipelines",
+    "remove_sparse_attention": ".pipelines",
+    "sparse_attention": ".attention",
+}
 
-__all__ = [
-    "BlockSparsePlan",
-    "SparseAttentionConfig",
-    "SparseAttentionController",
-    "SparsePipeline",
-    "SparseRunStats",
-    "TokenLayout",
-    "apply_sparse_attention",
-    "remove_sparse_attention",
-    "sparse_attention",
-]
+__all__ = sorted(_SOURCES)
 
 
 def __getattr__(name: str) -> Any:
-    if name in _PIPELINE_NAMES:
-        from . import pipelines
-
-        return getattr(pipelines, name)
+    if name in _SOURCES:
+        return getattr(import_module(_SOURCES[name], __name__), name)
     raise AttributeError(f"module 'dit_sparse' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_SOURCES])

@@ -6,9 +6,8 @@ import functools
 
 import torch
 
+from .config import BACKENDS
 from .plan import BlockSparsePlan
-
-BACKENDS = ("auto", "torch", "torch_reference", "triton", "flex")
 
 
 def sparse_attention(
@@ -90,7 +89,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" and _triton_available() else "torch"
     if backend == "triton" and not _triton_available():
-        raise RuntimeError("backend='triton' needs the triton package (Linux); use backend='torch' instead")
+        raise RuntimeError(
+            "backend='triton' needs the triton package (Linux): pip install 'dit-sparse[gpu]' (CUDA builds of torch "
+            "bring it), or use backend='torch'"
+        )
     return backend
 
 

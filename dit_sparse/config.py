@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from .attention import BACKENDS
-
 PATTERNS = ("auto", "radial", "spatiotemporal", "semantic", "adaptive", "dense")
+BACKENDS = ("auto", "torch", "torch_reference", "triton", "flex")
 DEFAULT_DENSITY = 0.15
 # The fields a plan depends on: plans saved under one config serve another that agrees on these.
 PLAN_FIELDS = ("pattern", "density", "top_p", "alpha", "exponent", "block_size", "tile_shape", "min_recall",

@@ -15,17 +15,20 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from dit_sparse import SparseAttentionConfig
-from dit_sparse.config import PATTERNS
+from dit_sparse.config import PATTERNS, SparseAttentionConfig
 
 from .configs import config_grid, config_label, default_sparse_config, load_config_file, parse_dense_steps
-from .evaluation import EvalRequest, evaluate
-from .models import DTYPES, GenerationSettings, pick_device, pick_dtype
-from .report import format_terminal
+from .preflight import check_before_loading
+from .settings import DTYPE_NAMES, MAX_SEED, GenerationSettings
 from .vbench_bridge import check_dimensions
+
+if TYPE_CHECKING:
+    from .evaluation import EvalRequest
+
+# This module imports neither torch nor diffusers at import time: --help and argument errors return
+# at once, and the heavy modules load after the arguments have been checked.
 
 DEFAULT_PROMPTS = ["A red fox trots through fresh snow at dawn, its breath steaming in the cold air."]
 
@@ -64,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-scale", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    gen.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                      help="default: bfloat16 on CUDA, float32 elsewhere")
     gen.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -85,29 +88,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> EvalRequest:
-    """Validate the parsed flags (``parser.error`` on bad input) and build the request."""
+    """Validate the parsed flags (``parser.error`` on bad input) and build the request: everything
+    that can be checked before a model loads is (see :mod:`~dit_sparse.eval.preflight`)."""
     for name in ("steps", "frames", "height", "width", "threads", "repeats", "fps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1, got {value}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    for name in ("warmup", "mask_layer"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if not 0 <= args.seed <= MAX_SEED:
+        parser.error(f"--seed must lie in [0, {MAX_SEED}], got {args.seed}")
     grid_flags = [f"--{n.replace('_', '-')}" for n in ("patterns", "densities", "top_p", "dense_steps", "dense_layers")
                   if getattr(args, n) is not None]
     if args.configs is not None and grid_flags:
         parser.error(f"give either --configs FILE or the grid flags ({', '.join(grid_flags)}), not both")
+    settings = GenerationSettings(args.steps, args.frames, args.height, args.width, args.guidance_scale, args.seed)
     try:
         configs = load_config_file(args.configs) if args.configs is not None else _grid(args)
         prompts = _read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
-        device = pick_device(args.device)
         check_dimensions(args.vbench)
+        check_before_loading(args.model, settings, configs, args.out)
+        from .models import pick_device, pick_dtype
+
+        device = pick_device(args.device)
     except (ValueError, RuntimeError) as error:
         parser.error(str(error))
-    dtype = pick_dtype(args.dtype, device)
-    settings = GenerationSettings(args.steps, args.frames, args.height, args.width, args.guidance_scale, args.seed)
+    except OSError as error:
+        parser.error(f"cannot read {error.filename}: {error.strerror}")
+    from .evaluation import EvalRequest
+
     return EvalRequest(
         model=args.model, prompts=prompts, configs=configs, settings=settings, out=args.out, warmup=args.warmup,
-        repeats=args.repeats, device=device, dtype=dtype, vbench_dimensions=args.vbench,
+        repeats=args.repeats, device=device, dtype=pick_dtype(args.dtype, device), vbench_dimensions=args.vbench,
         vbench_python=args.vbench_python, save_plans=args.save_plans, mask_layer=args.mask_layer, fps=args.fps,
     )
 
@@ -116,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     request = request_from_args(args, parser)
+    import torch
+
+    from .evaluation import evaluate
+    from .report import format_terminal
+
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:

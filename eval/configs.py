@@ -68,16 +68,26 @@ def config_grid(
 
 
 def load_config_file(path: Path) -> list[SparseAttentionConfig]:
-    """Configs from a JSON or YAML file holding a list of config dicts (or ``{"configs": [...]}``)."""
+    """Configs from a JSON or YAML file holding a list of config dicts (or ``{"configs": [...]}``).
+    A file that does not parse is a ``ValueError`` naming the file, the line and the column.
+
+    Example::
+
+        >>> load_config_file(Path("configs.yaml"))                                      # doctest: +SKIP
+        Traceback (most recent call last):
+        ...
+        ValueError: configs.yaml, line 3, column 1: not valid YAML (expected ',' or '}', but got '<stream end>')
+    """
     if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
+        raise ValueError(f"config file {path} does not exist" if not path.exists() else f"config file {path} is not a file")
     text = path.read_text()
     if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        data: Any = yaml.safe_load(text)
+        data: Any = _parse_yaml(text, path)
     elif path.suffix.lower() == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {error.lineno}, column {error.colno}: not valid JSON ({error.msg})") from None
     else:
         raise ValueError(f"config file {path} must end in .json, .yaml or .yml")
     if isinstance(data, dict) and "configs" in data:
@@ -91,6 +101,18 @@ def load_config_file(path: Path) -> list[SparseAttentionConfig]:
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path}, config #{index}: {error}") from error
     return configs
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ValueError(f"{path}{where}: not valid YAML ({problem})") from None
 
 
 def config_label(config: SparseAttentionConfig) -> str:

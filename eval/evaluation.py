@@ -17,13 +17,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from dit_sparse import SparseAttentionConfig
 
 from .machine import OtherCpuUse, machine_info
 from .metrics import lpips_status
 from .models import GenerationSettings, load_model
-from .plots import density_figure, mask_figure, save_figure, speedup_vs_psnr_figure
+from .plots import density_figure, mask_figure, save_figure, speedup_vs_psnr_figure, wall_time_figure
+from .preflight import check_before_loading, check_sparse_steps
 from .report import write_json, write_markdown
 from .results import VBenchScores, build_results, own_flicker_scores
 from .runner import EvalRun, run_evaluation
@@ -59,10 +61,17 @@ class EvalRequest:
 
 
 def evaluate(request: EvalRequest) -> dict[str, Any]:
-    """Run ``request`` and write every output under ``request.out``; returns the results."""
+    """Run ``request`` and write every output under ``request.out``; returns the results. Bad input is
+    a ``ValueError`` naming the problem, before the model loads where it can be
+    (:func:`~dit_sparse.eval.preflight.check_before_loading`), else right after."""
+    check_before_loading(request.model, request.settings, request.configs, request.out)
     vbench_plan = plan_vbench(request.vbench_dimensions, request.vbench_python)
     lpips = lpips_status()
     model = load_model(request.model, request.device, request.dtype)
+    settings = model.resolve(request.settings)
+    model.check_video_size(settings)
+    if settings.steps is not None:
+        check_sparse_steps(request.configs, settings.steps)
     out = request.out
     out.mkdir(parents=True, exist_ok=True)
     with OtherCpuUse() as other:
@@ -115,10 +124,23 @@ def _vbench_scores(
     return VBenchScores(scores, plan.flicker_source, dict(plan.skipped))
 
 
+def overview_figures(results: dict[str, Any]) -> dict[str, tuple[Figure, str]]:
+    """The figures over every variant, ``title -> (figure, file name)``: wall time split into
+    self-attention and the rest, and with two configs or more (one would be a single dot) speedup
+    against PSNR."""
+    dense, configs = results["dense"], results["configs"]
+    times = [(label, timing["wall_seconds"], timing["attention_seconds"].get("self", 0.0))
+             for label, timing in [("dense", dense), *((c["label"], c) for c in configs)]]
+    figures = {"wall time, self-attention and the rest": (wall_time_figure(times), "wall_time.png")}
+    if len(configs) > 1:
+        points = [(c["label"], c["fidelity"]["psnr_frame_mean"], c["speedup"]) for c in configs]
+        figures["speedup against PSNR"] = (speedup_vs_psnr_figure(points), "speedup_vs_psnr.png")
+    return figures
+
+
 def _write_plots(run: EvalRun, results: dict[str, Any], root: Path) -> dict[str, str]:
     """Every figure as a PNG under ``root``; returns ``title -> path relative to the output folder``."""
-    points = [(c["label"], c["fidelity"]["psnr_frame_mean"], c["speedup"]) for c in results["configs"]]
-    figures = {"speedup against PSNR": (speedup_vs_psnr_figure(points), "speedup_vs_psnr.png")}
+    figures = overview_figures(results)
     for variant, config in zip(run.sparse, results["configs"], strict=True):
         density = np.asarray(config["density_per_step_layer"])
         figures[f"density per layer and step: {variant.label}"] = (

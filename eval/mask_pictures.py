@@ -4,8 +4,9 @@
     python -m dit_sparse.eval.mask_pictures --grid 1 48 64 --text 0 --block-size 128 --output mask_pictures_image
 
 Each panel is one head's ``[query block, key block]`` map over the head's own token order (the tile
-order, or for semantic heads the cluster orders): black = kept, white = skipped, grey = text blocks
-(always kept). Writes docs/img/<output>.png (default mask_pictures).
+order, or for semantic heads the cluster orders), drawn as every block-mask picture of the project
+is: white = kept, black = skipped, grey = text blocks (always kept), with a legend. Writes
+docs/img/<output>.png (default mask_pictures).
 """
 
 from __future__ import annotations
@@ -13,18 +14,21 @@ from __future__ import annotations
 import argparse
 
 import torch
+from matplotlib.figure import Figure
 
 from dit_sparse import SparseAttentionConfig
 from dit_sparse.planner import FAMILIES, calibrate, plan_from_calibration
 
 from .fidelity import figure_path
+from .plots import MASK_CMAP, MASK_KEPT, MASK_SKIPPED, MASK_TEXT, add_mask_legend
 from .synthetic import HEAD_TYPES, synthetic_attention
 
 PATTERNS = (*FAMILIES, "auto")
 
 
 def pictures(grid, text_len: int, density: float, block_size: int, seed: int) -> dict[str, tuple[torch.Tensor, object]]:
-    """Per pattern, the ``[H, nQ, nK]`` picture (0 skipped, 1 kept, 0.5 text) and the plan report."""
+    """Per pattern, the ``[H, nQ, nK]`` picture (``MASK_SKIPPED``, ``MASK_KEPT``, ``MASK_TEXT`` for text
+    blocks) and the plan report."""
     data = synthetic_attention(grid, HEAD_TYPES, head_dim=64, text_len=text_len, seed=seed)
     calibration = calibrate(data.q, data.k, data.layout, SparseAttentionConfig(pattern="auto", block_size=block_size))
     out = {}
@@ -32,24 +36,23 @@ def pictures(grid, text_len: int, density: float, block_size: int, seed: int) ->
         config = SparseAttentionConfig(pattern=pattern, density=density, block_size=block_size, min_recall=0.0)
         plan, report = plan_from_calibration(calibration, config)
         picture = plan.to_block_mask()[0].float()
-        picture[:, data.layout.num_video_blocks(block_size) :] *= 0.5
-        picture[:, :, data.layout.num_video_blocks(block_size) :] *= 0.5
+        video_blocks = data.layout.num_video_blocks(block_size)
+        picture[:, video_blocks:] = MASK_TEXT
+        picture[:, :, video_blocks:] = MASK_TEXT
         out[pattern] = (picture, report)
     return out
 
 
-def draw(panels: dict, title: str, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(HEAD_TYPES), len(PATTERNS), figsize=(2.6 * len(PATTERNS), 2.8 * len(HEAD_TYPES)))
+def draw(panels: dict, title: str, text_blocks: bool) -> Figure:
+    """One column per pattern, one row per head type (``text_blocks``: the layout has text, whose
+    blocks the legend names)."""
+    fig = Figure(figsize=(2.6 * len(PATTERNS), 2.8 * len(HEAD_TYPES) + 0.4), layout="constrained")
+    axes = fig.subplots(len(HEAD_TYPES), len(PATTERNS))
     for col, pattern in enumerate(PATTERNS):
         picture, report = panels[pattern]
         for row, kind in enumerate(HEAD_TYPES):
             ax = axes[row, col]
-            ax.imshow(picture[row], cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+            ax.imshow(picture[row].numpy(), cmap=MASK_CMAP, vmin=MASK_SKIPPED, vmax=MASK_KEPT, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             label = report.family[0][row] if pattern == "auto" else pattern
@@ -59,8 +62,8 @@ def draw(panels: dict, title: str, path) -> None:
             if col == 0:
                 ax.set_ylabel(f"{kind} head", fontsize=10)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    add_mask_legend(fig, text_blocks=text_blocks)
+    return fig
 
 
 def main() -> None:
@@ -75,7 +78,8 @@ def main() -> None:
     grid = tuple(args.grid)
     panels = pictures(grid, args.text, args.density, args.block_size, args.seed)
     path = figure_path(args.output)
-    draw(panels, f"grid {grid} + {args.text} text tokens, blocks of {args.block_size}, density {args.density}", path)
+    title = f"grid {grid} + {args.text} text tokens, blocks of {args.block_size}, density {args.density}"
+    draw(panels, title, text_blocks=args.text > 0).savefig(path, dpi=100)
     print(f"wrote {path}")
 
 

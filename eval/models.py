@@ -19,20 +19,10 @@ import numpy as np
 import torch
 
 from .offline_model import OFFLINE_MODEL_NAME, OfflineWanSpec, build_offline_pipeline, offline_prompt_embeds
+from .settings import DTYPE_NAMES, GenerationSettings
+from .video_size import VideoSize
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """What every generation of a run shares. ``None`` leaves a value to the pipeline's default."""
-
-    steps: int | None = None
-    frames: int | None = None
-    height: int | None = None
-    width: int | None = None
-    guidance_scale: float | None = None
-    seed: int = 0
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass
@@ -77,8 +67,8 @@ class EvalModel:
 
     def check_video_size(self, settings: GenerationSettings) -> None:
         """Raise a ``ValueError`` naming the nearest valid values when the pipeline would silently round
-        the frame count or the frame size of ``settings`` (diffusers' Wan pipelines round frames to
-        ``k * temporal compression + 1`` and sides to the VAE's compression times the patch size).
+        or refuse the frame count or the frame size of ``settings`` (see
+        :class:`~dit_sparse.eval.video_size.VideoSize`).
 
         Example::
 
@@ -87,28 +77,7 @@ class EvalModel:
             ...
             ValueError: offline-wan (random weights) takes 4k+1 frames (1, 5, 9, ...); got 30: use 29 or 33
         """
-        temporal = self.frame_step
-        if settings.frames is not None and (settings.frames - 1) % temporal:
-            lower = (settings.frames - 1) // temporal * temporal + 1
-            raise ValueError(
-                f"{self.name} takes {temporal}k+1 frames (1, {1 + temporal}, {1 + 2 * temporal}, ...); "
-                f"got {settings.frames}: use {lower} or {lower + temporal}"
-            )
-        spatial = getattr(self.pipe, "vae_scale_factor_spatial", None)
-        transformer = getattr(self.pipe, "transformer", None)
-        patch = transformer.config.get("patch_size") if transformer is not None else None
-        if not spatial or not patch:
-            return
-        patch_h, patch_w = (patch, patch) if isinstance(patch, int) else patch[-2:]
-        for name, multiple in (("height", spatial * patch_h), ("width", spatial * patch_w)):
-            value = getattr(settings, name)
-            if value is not None and value % multiple:
-                lower = value // multiple * multiple
-                nearest = f"{lower} or {lower + multiple}" if lower else str(multiple)
-                raise ValueError(
-                    f"{self.name} takes a {name} that is a multiple of {multiple} (its VAE's compression times the "
-                    f"patch size); got {value}: use {nearest}"
-                )
+        VideoSize.from_pipeline(self.pipe, self.name).check(settings.frames, settings.height, settings.width)
 
     def call_kwargs(self, prompt: str, settings: GenerationSettings) -> dict[str, Any]:
         """Keyword arguments of one pipeline call: raw ``np`` frames, seeded noise."""

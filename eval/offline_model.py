@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import asdict, dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from dit_sparse import SparseAttentionConfig
+
+if TYPE_CHECKING:
+    import torch
 
 OFFLINE_MODEL_NAME = "offline-wan (random weights)"
 
@@ -74,6 +76,7 @@ class OfflineWanSpec:
 def build_offline_pipeline(spec: OfflineWanSpec, seed: int = 0):
     """A ``WanPipeline`` with random weights drawn from ``seed`` (no text encoder: pass
     ``prompt_embeds`` from :func:`offline_prompt_embeds`)."""
+    import torch
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
     downsamples = _log2(spec.vae_scale_spatial)
@@ -112,6 +115,8 @@ def build_offline_pipeline(spec: OfflineWanSpec, seed: int = 0):
 def offline_prompt_embeds(prompt: str, spec: OfflineWanSpec, seed: int) -> torch.Tensor:
     """A fixed ``(1, text_len, text_dim)`` embedding for ``prompt``: the same text and seed always
     give the same tensor, different texts give different ones."""
+    import torch
+
     generator = torch.Generator().manual_seed((zlib.crc32(prompt.encode()) + seed) % 2**63)
     return torch.randn(1, spec.text_len, spec.text_dim, generator=generator)
 

@@ -51,7 +51,7 @@ def build_results(run: EvalRun, machine: dict[str, Any], lpips: LpipsStatus, vbe
             "random_weights": model.random_weights,
             "offline_spec": model.offline_spec.to_dict() if model.offline_spec else None,
         },
-        "notes": ([RANDOM_WEIGHTS_NOTE] if model.random_weights else []) + _busy_machine_notes(machine),
+        "notes": ([RANDOM_WEIGHTS_NOTE] if model.random_weights else []) + busy_machine_notes(machine),
         "machine": machine,
         "settings": asdict(run.settings) | {
             "warmup": run.warmup, "repeats": run.repeats, "mask_layer": run.mask_layer,
@@ -102,16 +102,26 @@ def own_flicker_scores(run: EvalRun) -> dict[str, float]:
     return {v.name: statistics.fmean(temporal_flickering(g.frames) for g in v.generations) for v in variants}
 
 
-def _busy_machine_notes(machine: dict[str, Any]) -> list[str]:
-    """A warning when other processes used a noticeable share of the CPU during the timed runs."""
+def busy_machine_notes(machine: dict[str, Any]) -> list[str]:
+    """A warning, with what to do, when other processes used a noticeable share of the CPU during the
+    timed runs (``machine["other_cores"]``, see :class:`~dit_sparse.eval.machine.OtherCpuUse`).
+
+    Example::
+
+        >>> busy_machine_notes({"other_cores": 0.05, "cpu_count": 2, "torch_threads": 2})
+        []
+        >>> print(busy_machine_notes({"other_cores": 1.1, "cpu_count": 2, "torch_threads": 2})[0])
+        Other processes used 1.10 of the 2 cores on average during the timed runs: the timings include their contention, and the speedup can be far off (the dense and sparse runs met different loads). Rerun when the other jobs have finished, or with --threads 1 (one core for this run, the rest for the others: steadier timings).
+    """
     other = machine.get("other_cores", 0.0)
     if other < BUSY_CORES:
         return []
     note = (f"Other processes used {other:.2f} of the {machine['cpu_count']} cores on average during the timed runs: "
-            f"the timings include their contention.")
+            f"the timings include their contention, and the speedup can be far off (the dense and sparse runs met "
+            f"different loads). Rerun when the other jobs have finished")
     if machine["torch_threads"] > 1:
-        note += " On a shared machine, --threads 1 gives steadier CPU timings."
-    return [note]
+        return [note + ", or with --threads 1 (one core for this run, the rest for the others: steadier timings)."]
+    return [note + "."]
 
 
 def _variant_timing(variant: VariantRun) -> dict[str, Any]:

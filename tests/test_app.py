@@ -104,7 +104,8 @@ def test_changing_only_the_sparse_knobs_reruns_only_the_sparse_side(session, tra
     (DemoRequest("  "), "the prompt is empty"),
     (DemoRequest("a fox", seed=-1), r"seed must be a whole number in \[0, "),
     (DemoRequest("a fox", steps=0), "steps must be a whole number >= 1, got 0"),
-    (DemoRequest("a fox", height=40), "divisible by 16"),                     # the pipeline's own check
+    (DemoRequest("a fox", height=40), r"height that is a multiple of 16 \(WanPipeline requires it\); got 40: use 32 "
+                                      "or 48"),
 ])
 def test_bad_input_is_a_readable_error_that_runs_and_changes_nothing(session, model, transformer_calls,
                                                                       request_, message):
@@ -176,7 +177,7 @@ def test_bad_input_reaches_the_client_as_a_gradio_error(client, frames, budget, 
 def test_the_command_line_serves_on_loopback_after_a_warm_up_and_cleans_up(model, monkeypatch, transformer_calls):
     launches, closed = [], []
     close = DemoSession.close
-    monkeypatch.setattr(cli, "load_model", lambda name, device, dtype: model)
+    monkeypatch.setattr("dit_sparse.eval.models.load_model", lambda name, device, dtype: model)
     monkeypatch.setattr("gradio.Blocks.launch", lambda self, **kwargs: launches.append(kwargs))
     monkeypatch.setattr(DemoSession, "close", lambda self: (closed.append(self), close(self)))
     assert cli.main(["--port", "7999"]) == 0

@@ -1,3 +1,7 @@
+import json
+import subprocess
+import sys
+
 import pytest
 
 from dit_sparse import SparseAttentionConfig
@@ -55,6 +59,16 @@ def test_grid_flags_and_prompt_files(tmp_path):
         (["--vbench", "sharpness"], "unknown VBench dimensions sharpness"),
         (["--patterns", "diagonal"], "invalid choice: 'diagonal'"),
         (["--warmup", "-1"], "--warmup must be >= 0"),
+        (["--mask-layer", "-1"], "--mask-layer must be >= 0, got -1"),
+        (["--seed", "-3"], "--seed must lie in [0, 9223372036854775807], got -3"),
+        (["--frames", "30"], "offline-wan (random weights) takes 4k+1 frames (1, 5, 9, ...); got 30: use 29 or 33"),
+        (["--height", "120"], "takes a height that is a multiple of 16 (WanPipeline requires it); got 120: use 112 or 128"),
+        (["--width", "8"], "takes a width that is a multiple of 16 (WanPipeline requires it); got 8: use 16"),
+        (["--dense-steps", "4", "--steps", "4"], "4 dense steps of 4 leave no step sparse"),
+        (["--dense-steps", "16"], "config #0 (adaptive, density 0.05, dense steps 16, dense layers none): 16 dense steps "
+                                  "of 16 leave no step sparse"),
+        (["--dense-steps", "1", "1.0", "--steps", "2"], "config #1 (adaptive, density 0.05, dense steps 1.0, dense "
+                                                        "layers none): 2 dense steps of 2"),
     ],
 )
 def test_bad_input_is_a_clear_error(argv, message, capsys):
@@ -65,3 +79,107 @@ def test_an_empty_prompt_file_is_a_clear_error(tmp_path, capsys):
     empty = tmp_path / "prompts.txt"
     empty.write_text("# nothing here\n\n")
     assert f"prompt file {empty} has no prompts" in _error(["--prompts", str(empty)], capsys)
+
+
+def test_a_dense_pattern_baseline_is_not_refused_for_having_no_sparse_step():
+    (config,) = _request(["--patterns", "dense", "--dense-steps", "4", "--steps", "4"]).configs
+    assert config.pattern == "dense"
+
+
+def test_an_output_path_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    existing = tmp_path / "results.txt"
+    existing.write_text("")
+    assert f"output folder {existing} is an existing file" in _error(["--out", str(existing)], capsys)
+    below = existing / "eval-out"
+    assert f"output folder {below} cannot be created: {existing} is a file" in _error(["--out", str(below)], capsys)
+    assert not (tmp_path / "eval-out").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("configs.yaml", "- {pattern: radial, density: 0.15}\n- {pattern: adaptive, top_p: 0.9\n",
+         "configs.yaml, line 3, column 1: not valid YAML (expected ',' or '}'"),
+        ("configs.yml", "- pattern: radial\n  density: [0.1\n  dense_steps: 2\n",
+         "configs.yml, line 3, column 14: not valid YAML"),
+        ("configs.json", '[{"pattern": "radial"},\n {"pattern": "adaptive",}]',
+         "configs.json, line 2, column 25: not valid JSON (Expecting property name enclosed in double quotes)"),
+    ],
+)
+def test_a_malformed_config_file_names_the_file_and_line(tmp_path, capsys, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    assert f"{tmp_path}/{message}" in _error(["--configs", str(path)], capsys)
+
+
+def _config_only_wan_folder(folder, spatial=8, temporal=4, patch=(1, 2, 2)):
+    """A pipeline folder with the config files of a Wan pipeline and no weights: loading it would fail,
+    so an error about the video size proves the check ran before loading."""
+    for name, config in {
+        "model_index.json": {"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
+                             "vae": ["diffusers", "AutoencoderKLWan"]},
+        "vae/config.json": {"_class_name": "AutoencoderKLWan", "scale_factor_spatial": spatial,
+                            "scale_factor_temporal": temporal},
+        "transformer/config.json": {"_class_name": "WanTransformer3DModel", "patch_size": list(patch)},
+    }.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--frames", "10"], "wan takes 4k+1 frames (1, 5, 9, ...); got 10: use 9 or 13"),
+        (["--height", "40"], "takes a height that is a multiple of 16 (its VAE's compression times the patch size); "
+                             "got 40: use 32 or 48"),
+        (["--dense-steps", "50"], "50 dense steps of 50 leave no step sparse"),          # WanPipeline's default steps
+    ],
+)
+def test_a_local_pipeline_folder_is_checked_before_it_loads(tmp_path, capsys, argv, message):
+    folder = _config_only_wan_folder(tmp_path / "wan")
+    assert message in _error(["--model", str(folder), *argv], capsys)
+
+
+def test_a_folder_rule_follows_its_config_files(tmp_path, capsys):
+    folder = _config_only_wan_folder(tmp_path / "reference", spatial=4, temporal=4, patch=(1, 1, 1))
+    assert "(WanPipeline requires it); got 120: use 112 or 128" in _error(["--model", str(folder), "--height", "120"],
+                                                                         capsys)
+    request = _request(["--model", str(folder), "--frames", "29", "--height", "128", "--width", "128"])
+    assert request.settings.frames == 29
+
+
+def test_an_unreadable_prompt_file_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n")
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(type(prompts), "read_text", refuse)
+    assert f"cannot read {prompts}: Permission denied" in _error(["--prompts", str(prompts)], capsys)
+
+
+def test_a_user_error_ends_with_a_message_not_a_traceback(tmp_path):
+    existing = tmp_path / "file"
+    existing.write_text("")
+    result = subprocess.run([sys.executable, "-m", "dit_sparse.eval", "--out", str(existing)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith("is an existing file; give a folder (it is created when missing)")
+
+
+def test_help_and_argument_checks_import_neither_torch_nor_diffusers():
+    code = (
+        "import sys\n"
+        "from dit_sparse.eval.cli import build_parser, request_from_args\n"
+        "parser = build_parser()\n"
+        "parser.format_help()\n"
+        "try:\n"
+        "    request_from_args(parser.parse_args(['--frames', '30']), parser)\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = sorted({'torch', 'diffusers', 'numpy'} & set(sys.modules))\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

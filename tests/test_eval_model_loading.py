@@ -10,6 +10,7 @@ import torch
 from dit_sparse.eval.cli import main
 from dit_sparse.eval.models import GenerationSettings, load_model, output_frames
 from dit_sparse.eval.results import RANDOM_WEIGHTS_NOTE
+from dit_sparse.eval.video_size import VideoSize
 
 WORDS = ["[PAD]", "[UNK]", "</s>", "a", "red", "fox", "in", "the", "snow", "cat", "on", "grass"]
 
@@ -73,6 +74,13 @@ def test_sizes_the_pipeline_would_round_are_refused_with_the_nearest_valid_ones(
         model.check_video_size(GenerationSettings(height=32, width=40))
     with pytest.raises(ValueError, match="height that is a multiple of 16 .*; got 8: use 16$"):
         model.check_video_size(GenerationSettings(height=8))
+
+
+def test_the_size_rules_read_before_loading_are_the_loaded_pipelines(saved_tiny_wan):
+    model = load_model(str(saved_tiny_wan), torch.device("cpu"), torch.float32)
+    before = VideoSize.from_folder(saved_tiny_wan, "tiny")
+    assert before == VideoSize.from_pipeline(model.pipe, "tiny")
+    assert (before.frame_step, before.side_multiple) == (model.pipe.vae_scale_factor_temporal, (16, 16))
 
 
 def test_a_model_that_cannot_load_is_a_clear_error(tmp_path):

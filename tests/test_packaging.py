@@ -3,6 +3,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,3 +39,12 @@ def test_core_imports_without_the_pipelines_layer_and_exposes_its_names_lazily()
         "assert SparsePipeline is same and 'dit_sparse.pipelines' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_triton_is_the_gpu_extra_and_all_still_installs_it():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not any(requirement.startswith("triton") for requirement in project["dependencies"])
+    extras = project["optional-dependencies"]
+    assert [r.split(">=")[0] for r in extras["gpu"]] == ["triton"]
+    assert "gpu" in extras["all"][0].split("[")[1]
