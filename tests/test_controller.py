@@ -52,6 +52,15 @@ def test_dense_warm_up_then_calibrated_plans(pattern):
     assert 0 < stats.mean_sparse_density < 1 and len(stats.plans) == 2 and stats.plans[0].step == 1
 
 
+def test_auto_by_error_calibrates_with_the_calls_values():
+    controller = SparseAttentionController(config(pattern="auto"), total_steps=lambda: 3)
+    outputs = run(controller, (900.0, 700.0, 500.0), layers=1)
+    q, k, v = qkv(0)
+    plan, report = build_plan(q, k, LAYOUT, config(pattern="auto"), v=v)
+    assert torch.equal(outputs[-1], sparse_attention(q, k, v, plan))
+    assert controller.last_stats.plans[0].error == report.error.tolist()
+
+
 def test_cfg_contexts_get_their_own_plans_or_share_one():
     per_context = SparseAttentionController(config(), total_steps=lambda: 3)
     run(per_context, (900.0, 700.0, 500.0), contexts=("cond", "uncond"))
