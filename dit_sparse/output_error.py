@@ -67,10 +67,11 @@ class RowSample:
 @dataclass
 class Candidate:
     """A block mask ``[B|1, H, nQ, nK]`` over the token orders named ``orders`` (a key of the
-    ``orders`` mapping given to :func:`estimate_errors`)."""
+    ``orders`` mapping given to :func:`estimate_errors`), and the family that made it."""
 
     mask: torch.Tensor
     orders: str
+    family: str = ""
 
 
 def estimate_errors(

@@ -20,7 +20,15 @@ import torch
 from .budget import Budget
 from .calibration import measure_block_mass
 from .config import SparseAttentionConfig
-from .families import adaptive_block_mask, cluster_heads, fit_radial, fit_spatiotemporal, semantic_block_mask
+from .families import (
+    adaptive_block_mask,
+    cluster_heads,
+    fit_band,
+    fit_radial,
+    fit_radial_band,
+    fit_spatiotemporal,
+    semantic_block_mask,
+)
 from .families.semantic import SemanticClustering
 from .layout import TokenLayout
 from .output_error import Candidate, RowSample, estimate_errors
@@ -54,6 +62,16 @@ class PlanReport:
     error: torch.Tensor | None = None
 
 
+# The token orders a family's variants use: the tile order, the raster order, the position-major
+# order (all shared by every head) and each head's cluster orders.
+FAMILY_ORDERS = {
+    "radial": ("tile", "raster"),
+    "spatiotemporal": ("tile", "raster", "position"),
+    "semantic": ("semantic",),
+    "adaptive": ("tile",),
+}
+
+
 @dataclass
 class Calibration:
     """What one dense attention call tells the planner (reusable for several budgets).
@@ -61,10 +79,10 @@ class Calibration:
     Attributes:
         layout, block_size, tile: the geometry it was measured on.
         batch_size, num_heads: the plans' batch (1 when shared across the batch) and heads.
-        tile_order: ``[S]`` the tile order the static and adaptive families use.
-        tile_mass: ``[B, H, nQ, nK]`` block mass over the tile order.
+        orders: by name (``"tile"``, ``"raster"``, ``"position"``, ``"semantic"``), the
+            ``(q_order, kv_order)`` pairs measured (``[S]``, or ``[B, H, S]`` for ``"semantic"``).
+        masses: by the same names, the ``[B, H, nQ, nK]`` block mass over that order.
         clustering: the semantic family's k-means (``None`` when no pattern needs it).
-        semantic_mass: ``[B, H, nQ, nK]`` block mass over the cluster orders (or ``None``).
         seconds: wall time of the calibration.
         rows: the sampled query rows, keys and values for the output-error estimate (``None`` when
             the pattern does not choose by error).
@@ -75,12 +93,16 @@ class Calibration:
     tile: tuple[int, int, int]
     batch_size: int
     num_heads: int
-    tile_order: torch.Tensor
-    tile_mass: torch.Tensor | None
+    orders: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    masses: dict[str, torch.Tensor]
     clustering: SemanticClustering | None
-    semantic_mass: torch.Tensor | None
     seconds: float
     rows: RowSample | None = None
+
+    @property
+    def tile_order(self) -> torch.Tensor:
+        """``[S]`` the tile order."""
+        return self.orders["tile"][0]
 
 
 def build_plan(
@@ -138,26 +160,27 @@ def calibrate(
         )
     blocks = config.block_sizes
     tile = config.tile_for(layout.grid)
-    tile_order = layout.tile_order(tile).to(q.device)
-    tile_mass = clustering = semantic_mass = None
-    if config.pattern != "dense":
-        tile_mass = _batch_mean(measure_block_mass(q, k, layout, blocks, order=tile_order, backend=config.backend), share_batch)
-    if config.pattern in ("semantic", "auto"):
+    families = FAMILIES if config.pattern == "auto" else () if config.pattern == "dense" else (config.pattern,)
+    needed = {name for family in families for name in FAMILY_ORDERS[family]}
+    orders = {"tile": (layout.tile_order(tile).to(q.device),) * 2}
+    clustering = None
+    if "raster" in needed:
+        orders["raster"] = (layout.identity_order().to(q.device),) * 2
+    if "position" in needed:
+        orders["position"] = (layout.position_order().to(q.device),) * 2
+    if "semantic" in needed:
         q_in, k_in = (x.mean(0, keepdim=True) if share_batch else x for x in (q, k))
         clustering = cluster_heads(
             q_in, k_in, layout, config.query_clusters, config.key_clusters, config.kmeans_iters, config.seed
         )
-        q_order, kv_order = clustering.orders(layout)
-        semantic_mass = _batch_mean(
-            measure_block_mass(q, k, layout, blocks, order=q_order, kv_order=kv_order, backend=config.backend),
-            share_batch,
-        )
+        orders["semantic"] = clustering.orders(layout)
+    masses = {
+        name: _batch_mean(measure_block_mass(q, k, layout, blocks, order=q_order, kv_order=kv_order, backend=config.backend), share_batch)
+        for name, (q_order, kv_order) in orders.items() if name in needed
+    }
     rows = RowSample.of(q, k, v, layout, config.error_rows, config.seed) if v is not None and config.pattern == "auto" else None
     batch = 1 if share_batch else q.shape[0]
-    return Calibration(
-        layout, blocks, tile, batch, q.shape[2], tile_order, tile_mass, clustering, semantic_mass,
-        time.perf_counter() - start, rows,
-    )
+    return Calibration(layout, blocks, tile, batch, q.shape[2], orders, masses, clustering, time.perf_counter() - start, rows)
 
 
 def plan_from_calibration(
@@ -171,72 +194,67 @@ def plan_from_calibration(
     if config.pattern == "dense":
         return _dense_plan(calibration, start)
     families = FAMILIES if config.pattern == "auto" else (config.pattern,)
-    if calibration.semantic_mass is None and "semantic" in families:
-        raise ValueError(f"this calibration has no clustering; calibrate with pattern={config.pattern!r}")
+    missing = sorted({name for family in families for name in FAMILY_ORDERS[family]} - set(calibration.masses))
+    if missing:
+        raise ValueError(
+            f"this calibration has no block mass over the {', '.join(missing)} order; calibrate with pattern={config.pattern!r}"
+        )
     budget = Budget.from_config(config)
     if config.chooses_by_error:
         if calibration.rows is None:
             raise ValueError("this calibration sampled no rows for the error estimate; calibrate with pattern='auto' and v=...")
         return _plan_by_error(calibration, config, budget, start)
     best = BestPerHead(budget, layout, blocks)
-    for name in families:
-        mask, mass = _family_mask(name, calibration, budget)
-        best.offer(mask, mass)
-    chosen = [[families[i] for i in row] for row in best.index.tolist()]
+    candidates = [c for family in families for c in _candidates(family, calibration, budget)]
+    for candidate in candidates:
+        best.offer(candidate.mask, calibration.masses[candidate.orders])
+    chosen = [[candidates[i] for i in row] for row in best.index.tolist()]
     mask, kept = best.mask, best.recall
+    family = [[c.family for c in row] for row in chosen]
+    order_names = [[c.orders for c in row] for row in chosen]
     if config.pattern == "auto" and config.min_recall is not None:
         dense = kept < config.min_recall
         mask = mask | dense[..., None, None]
         kept = torch.where(dense, 1.0, kept)
-        chosen = [[name if not d else "dense" for name, d in zip(names, row)] for names, row in zip(chosen, dense.tolist())]
-    q_order, kv_order = _orders(calibration, chosen)
+        family = [[name if not d else "dense" for name, d in zip(names, row)] for names, row in zip(family, dense.tolist())]
+    q_order, kv_order = _orders(calibration, order_names)
     plan = BlockSparsePlan.from_block_mask(mask, layout, blocks, q_order=q_order, kv_order=kv_order)
     seconds = calibration.seconds + time.perf_counter() - start
-    return plan, PlanReport(chosen, kept, plan.density(per_head=True), seconds)
+    return plan, PlanReport(family, kept, plan.density(per_head=True), seconds)
 
 
 def _plan_by_error(
     calibration: Calibration, config: SparseAttentionConfig, budget: Budget, start: float
 ) -> tuple[BlockSparsePlan, PlanReport]:
-    """``auto`` by estimated output error: each head's best family at the budget, then the fallback."""
+    """``auto`` by estimated output error: each head's best candidate at the budget, then the fallback."""
     layout, blocks = calibration.layout, calibration.block_size
     target = target_density(budget, layout, blocks[1])
     level_budgets = [budget] + [Budget(density=target * f) for f in FALLBACK_LEVELS if target * f < 1]
-    candidates, masses = [], []
-    for level in level_budgets:
-        for name in FAMILIES:
-            mask, mass = _family_mask(name, calibration, level)
-            candidates.append(Candidate(mask.expand_as(mass), "semantic" if name == "semantic" else "tile"))
-            masses.append(mass)
-    orders = {"tile": (calibration.tile_order, calibration.tile_order)}
-    if calibration.clustering is not None:
-        orders["semantic"] = calibration.clustering.orders(layout)
-    errors = estimate_errors(calibration.rows, blocks, orders, candidates, calibration.batch_size)
+    levels = [[c for family in FAMILIES for c in _candidates(family, calibration, level)] for level in level_budgets]
+    per_level = len(levels[0])
+    candidates = [c for level in levels for c in level]
+    errors = estimate_errors(calibration.rows, blocks, calibration.orders, candidates, calibration.batch_size)
     density = torch.stack([video_density(c.mask, layout, blocks) for c in candidates])
-    kept = torch.stack([recall(m, c.mask, layout, blocks[0]) for c, m in zip(candidates, masses)])
-    # per level, the family with the lowest error among those within the level's density (else the sparsest)
-    n_f = len(FAMILIES)
+    kept = torch.stack([recall(calibration.masses[c.orders], c.mask, layout, blocks[0]) for c in candidates])
+    # per level, the candidate with the lowest error among those within the level's density (else the sparsest)
     limits = torch.tensor([target] + [level.density for level in level_budgets[1:]], device=density.device)
-    fits = density.view(len(level_budgets), n_f, *density.shape[1:]) <= limits[:, None, None, None] + 1e-6
-    score = torch.where(fits, 10 - errors.view_as(fits.float()), -density.view_as(fits.float()))
-    pick = score.argmax(1) + torch.arange(len(level_budgets), device=score.device)[:, None, None] * n_f  # [L, B, H]
-    choice = _fallback(
-        errors.gather(0, pick), density.gather(0, pick), config.max_error, (1 + config.fallback_share) * target
-    )
-    dense = choice == len(level_budgets)
-    index = pick.gather(0, choice.clamp(max=len(level_budgets) - 1)[None])[0]                        # [B, H]
-    stacked = torch.stack([c.mask for c in candidates])
+    by_level = (len(levels), per_level, *density.shape[1:])
+    fits = density.view(by_level) <= limits[:, None, None, None] + 1e-6
+    score = torch.where(fits, 10 - errors.view(by_level), -density.view(by_level))
+    pick = score.argmax(1) + torch.arange(len(levels), device=score.device)[:, None, None] * per_level   # [L, B, H]
+    level = _fallback(errors.gather(0, pick), density.gather(0, pick), config.max_error, (1 + config.fallback_share) * target)
+    dense = level == len(levels)
+    index = pick.gather(0, level.clamp(max=len(levels) - 1)[None])[0]                                   # [B, H]
+    stacked = torch.stack([c.mask.expand(*density.shape[1:], *c.mask.shape[-2:]) for c in candidates])
     mask = stacked.gather(0, index[None, ..., None, None].expand(1, *stacked.shape[1:]))[0] | dense[..., None, None]
-    chosen = [
-        ["dense" if d else FAMILIES[i % n_f] for i, d in zip(row, dense_row)]
-        for row, dense_row in zip(index.tolist(), dense.tolist())
-    ]
-    q_order, kv_order = _orders(calibration, chosen)
+    chosen = [[candidates[i] for i in row] for row in index.tolist()]
+    family = [["dense" if d else c.family for c, d in zip(row, dense_row)] for row, dense_row in zip(chosen, dense.tolist())]
+    q_order, kv_order = _orders(calibration, [[c.orders for c in row] for row in chosen])
     plan = BlockSparsePlan.from_block_mask(mask, layout, blocks, q_order=q_order, kv_order=kv_order)
     kept = torch.where(dense, 1.0, kept.gather(0, index[None])[0])
     error = torch.where(dense, 0.0, errors.gather(0, index[None])[0])
     seconds = calibration.seconds + time.perf_counter() - start
-    return plan, PlanReport(chosen, kept, plan.density(per_head=True), seconds, error)
+    return plan, PlanReport(family, kept, plan.density(per_head=True), seconds, error)
 
 
 def _fallback(errors: torch.Tensor, density: torch.Tensor, max_error: float, allowed_per_head: float) -> torch.Tensor:
@@ -277,27 +295,37 @@ def _fallback(errors: torch.Tensor, density: torch.Tensor, max_error: float, all
     return torch.tensor(choice, device=errors.device).view(errors.shape[1:])
 
 
-def _family_mask(name: str, calibration: Calibration, budget: Budget) -> tuple[torch.Tensor, torch.Tensor]:
-    """One family's ``[B, H, nQ, nK]`` mask and the block mass over its orders."""
-    layout, blocks, tile, mass = calibration.layout, calibration.block_size, calibration.tile, calibration.tile_mass
-    if name == "radial":
-        return fit_radial(mass, layout, tile, blocks, budget).mask, mass
-    if name == "spatiotemporal":
-        return fit_spatiotemporal(mass, layout, tile, blocks, budget).mask, mass
-    if name == "semantic":
-        return semantic_block_mask(calibration.clustering, layout, blocks, budget), calibration.semantic_mass
-    return adaptive_block_mask(mass, layout, blocks, budget), mass
+def _candidates(family: str, calibration: Calibration, budget: Budget) -> list[Candidate]:
+    """One family's masks at ``budget``: one per token order it uses, each fitted per head on the
+    block mass over that order."""
+    layout, blocks, tile, masses = calibration.layout, calibration.block_size, calibration.tile, calibration.masses
+    out = []
+    for order in FAMILY_ORDERS[family]:
+        mass = masses[order]
+        if family == "radial":
+            mask = (fit_radial(mass, layout, tile, blocks, budget) if order == "tile" else fit_radial_band(mass, layout, blocks, budget)).mask
+        elif family == "spatiotemporal":
+            mask = (fit_spatiotemporal(mass, layout, tile, blocks, budget) if order == "tile" else fit_band(mass, layout, blocks, budget)).mask
+        elif family == "semantic":
+            mask = semantic_block_mask(calibration.clustering, layout, blocks, budget)
+        else:
+            mask = adaptive_block_mask(mass, layout, blocks, budget)
+        out.append(Candidate(mask.expand_as(mass), order, family))
+    return out
 
 
-def _orders(calibration: Calibration, chosen: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query and key orders: each semantic head's cluster orders, the tile order elsewhere."""
-    tile_order = calibration.tile_order
-    semantic = torch.tensor([[name == "semantic" for name in row] for row in chosen], device=tile_order.device)
-    if not semantic.any():
-        return tile_order, tile_order
-    q_order, kv_order = calibration.clustering.orders(calibration.layout)
-    pick = semantic[..., None]
-    return torch.where(pick, q_order, tile_order), torch.where(pick, kv_order, tile_order)
+def _orders(calibration: Calibration, names: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, H, S]`` query and key orders: each head's from the named order it was planned over."""
+    batch, heads = len(names), len(names[0])
+    picked = []
+    for which in (0, 1):
+        out = calibration.tile_order.expand(batch, heads, -1).clone()
+        for name, pair in calibration.orders.items():
+            chosen = torch.tensor([[n == name for n in row] for row in names], device=out.device)
+            if chosen.any():
+                out = torch.where(chosen[..., None], pair[which].expand_as(out), out)
+        picked.append(out)
+    return picked[0], picked[1]
 
 
 def _dense_plan(calibration: Calibration, start: float) -> tuple[BlockSparsePlan, PlanReport]:

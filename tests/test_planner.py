@@ -114,7 +114,7 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="pass the layout of this attention call"):
         build_plan(q[:, :-1], k[:, :-1], layout, SparseAttentionConfig())
     calibration = calibrate(q, k, layout, SparseAttentionConfig(pattern="adaptive"))
-    with pytest.raises(ValueError, match="no clustering; calibrate with pattern='semantic'"):
+    with pytest.raises(ValueError, match="no block mass over the semantic order; calibrate with pattern=.semantic."):
         plan_from_calibration(calibration, SparseAttentionConfig(pattern="semantic"))
     with pytest.raises(ValueError, match="measured with blocks"):
         plan_from_calibration(calibration, SparseAttentionConfig(pattern="adaptive", block_size=128))
