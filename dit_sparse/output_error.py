@@ -19,16 +19,17 @@ from .layout import TokenLayout
 __all__ = ["Candidate", "RowSample", "estimate_errors", "sample_rows"]
 
 
-def sample_rows(layout: TokenLayout, count: int, seed: int = 0) -> torch.Tensor:
+def sample_rows(layout: TokenLayout, count: int, seed: int = 0, within: int | None = None) -> torch.Tensor:
     """``[R]`` original positions of ``count`` video query rows, one drawn at random from each of
-    ``count`` equal strata of the video (every video row when the video has no more than ``count``).
+    ``count`` equal strata of the video, or of its first ``within`` tokens (every such row when
+    there are no more than ``count``).
 
     Example::
 
         >>> sample_rows(TokenLayout((2, 4, 4), text_len=8, text_first=True), 4, seed=0).tolist()
         [15, 21, 27, 39]
     """
-    n = layout.video_len
+    n = layout.video_len if within is None else min(within, layout.video_len)
     if count >= n:
         return torch.arange(n) + layout.video_offset
     g = torch.Generator().manual_seed(seed)
@@ -56,11 +57,14 @@ class RowSample:
     layout: TokenLayout
 
     @classmethod
-    def of(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, count: int, seed: int) -> RowSample:
+    def of(
+        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, count: int, seed: int,
+        within: int | None = None,
+    ) -> RowSample:
         """Sample ``count`` query rows of the ``(B, S, H, D)`` call (see :func:`sample_rows`)."""
         if v.shape[:3] != k.shape[:3]:
             raise ValueError(f"v must be (B, S, H, D) with k's B, S and H, got {tuple(v.shape)} and {tuple(k.shape)}")
-        rows = sample_rows(layout, count, seed).to(q.device)
+        rows = sample_rows(layout, count, seed, within).to(q.device)
         return cls(rows, q[:, rows], k, v, layout)
 
 

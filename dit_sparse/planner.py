@@ -20,6 +20,15 @@ import torch
 from .budget import Budget
 from .calibration import measure_block_mass
 from .config import SparseAttentionConfig
+from .families.peers import (
+    SVG1_PROFILE_FIRST_TOKENS,
+    SVG1_PROFILE_ROWS,
+    radial_paper_block_mask,
+    svg1_block_mask,
+    svg1_profile_mask,
+    svg2_block_mask,
+    svg2_cluster_counts,
+)
 from .families import (
     adaptive_block_mask,
     cluster_heads,
@@ -69,7 +78,11 @@ FAMILY_ORDERS = {
     "spatiotemporal": ("tile", "raster", "position"),
     "semantic": ("semantic",),
     "adaptive": ("tile",),
+    "radial_paper": ("raster",),
+    "svg1": ("raster", "position"),
+    "svg2": ("semantic",),
 }
+PEERS = ("radial_paper", "svg1", "svg2")
 
 
 @dataclass
@@ -153,7 +166,9 @@ def calibrate(
     """
     start = time.perf_counter()
     _check_inputs(q, k, layout)
-    if config.chooses_by_error and v is None:
+    if config.needs_values and v is None:
+        if config.pattern == "svg1":
+            raise ValueError("pattern='svg1' profiles each head's output and needs the values: pass v=...")
         raise ValueError(
             "pattern='auto' chooses each head's family by its output error and needs the values: pass v=..., "
             "or set min_recall (e.g. 0.0) to choose by measured recall instead"
@@ -170,15 +185,20 @@ def calibrate(
         orders["position"] = (layout.position_order().to(q.device),) * 2
     if "semantic" in needed:
         q_in, k_in = (x.mean(0, keepdim=True) if share_batch else x for x in (q, k))
-        clustering = cluster_heads(
-            q_in, k_in, layout, config.query_clusters, config.key_clusters, config.kmeans_iters, config.seed
-        )
+        counts = (config.query_clusters, config.key_clusters)
+        if config.pattern == "svg2":
+            counts = tuple(c if c is not None else d for c, d in zip(counts, svg2_cluster_counts(layout)))
+        clustering = cluster_heads(q_in, k_in, layout, *counts, config.kmeans_iters, config.seed)
         orders["semantic"] = clustering.orders(layout)
     masses = {
         name: _batch_mean(measure_block_mass(q, k, layout, blocks, order=q_order, kv_order=kv_order, backend=config.backend), share_batch)
         for name, (q_order, kv_order) in orders.items() if name in needed
     }
-    rows = RowSample.of(q, k, v, layout, config.error_rows, config.seed) if v is not None and config.pattern == "auto" else None
+    rows = None
+    if v is not None and config.pattern == "auto":
+        rows = RowSample.of(q, k, v, layout, config.error_rows, config.seed)
+    elif config.pattern == "svg1":
+        rows = RowSample.of(q, k, v, layout, SVG1_PROFILE_ROWS, config.seed, within=SVG1_PROFILE_FIRST_TOKENS)
     batch = 1 if share_batch else q.shape[0]
     return Calibration(layout, blocks, tile, batch, q.shape[2], orders, masses, clustering, time.perf_counter() - start, rows)
 
@@ -200,6 +220,8 @@ def plan_from_calibration(
             f"this calibration has no block mass over the {', '.join(missing)} order; calibrate with pattern={config.pattern!r}"
         )
     budget = Budget.from_config(config)
+    if config.pattern in PEERS:
+        return _plan_peer(calibration, config, budget, start)
     if config.chooses_by_error:
         if calibration.rows is None:
             raise ValueError("this calibration sampled no rows for the error estimate; calibrate with pattern='auto' and v=...")
@@ -255,6 +277,38 @@ def _plan_by_error(
     error = torch.where(dense, 0.0, errors.gather(0, index[None])[0])
     seconds = calibration.seconds + time.perf_counter() - start
     return plan, PlanReport(family, kept, plan.density(per_head=True), seconds, error)
+
+
+def _plan_peer(
+    calibration: Calibration, config: SparseAttentionConfig, budget: Budget, start: float
+) -> tuple[BlockSparsePlan, PlanReport]:
+    """A peer's own rule (``radial_paper``, ``svg1``, ``svg2``) for every head."""
+    layout, blocks = calibration.layout, calibration.block_size
+    shape = (calibration.batch_size, calibration.num_heads)
+    if config.pattern == "radial_paper":
+        names = "raster"
+        mask = radial_paper_block_mask(layout, blocks[1], config.radial_decay).to(calibration.tile_order.device)
+    elif config.pattern == "svg2":
+        names = "semantic"
+        mask = svg2_block_mask(calibration.clustering, layout, blocks, budget)
+    else:  # svg1: per head the order (spatial: raster, temporal: position-major) whose profiling mask errs less
+        profile = svg1_profile_mask(layout, blocks).to(calibration.tile_order.device)
+        errors = estimate_errors(
+            calibration.rows, blocks, calibration.orders,
+            [Candidate(profile[None, None].expand(1, shape[1], -1, -1), name) for name in ("raster", "position")],
+            calibration.batch_size,
+        )
+        temporal = errors[1] < errors[0]
+        names = [["position" if t else "raster" for t in row] for row in temporal.tolist()]
+        mask = svg1_block_mask(layout, blocks, config.density).to(temporal.device)
+    mask = mask.expand(*shape, *mask.shape[-2:])
+    names = [[names] * shape[1] for _ in range(shape[0])] if isinstance(names, str) else names
+    per_order = {n: recall(calibration.masses[n], mask, layout, blocks[0]) for row in names for n in row}
+    kept = torch.stack([torch.stack([per_order[n][b, h] for h, n in enumerate(row)]) for b, row in enumerate(names)])
+    q_order, kv_order = _orders(calibration, names)
+    plan = BlockSparsePlan.from_block_mask(mask, layout, blocks, q_order=q_order, kv_order=kv_order)
+    family = [[config.pattern] * shape[1] for _ in range(shape[0])]
+    return plan, PlanReport(family, kept, plan.density(per_head=True), calibration.seconds + time.perf_counter() - start)
 
 
 def _fallback(errors: torch.Tensor, density: torch.Tensor, max_error: float, allowed_per_head: float) -> torch.Tensor:
