@@ -178,3 +178,16 @@ def test_auto_by_error_needs_the_values():
     q, k = qk(layout)
     with pytest.raises(ValueError, match="pass v=..., or set min_recall"):
         build_plan(q, k, layout, SparseAttentionConfig())
+
+
+def test_auto_defaults_keep_almost_every_head_sparse_even_when_every_head_errs():
+    """Heads of pure noise: every family errs far above max_error, yet the fallback's allowance
+    (a tenth of the budget) leaves at most a handful of heads dense and the budget spent."""
+    layout = TokenLayout((4, 16, 16))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, layout.seq_len, 24, 16, generator=g) for _ in range(3))
+    plan, report = build_plan(q, k, layout, SparseAttentionConfig(), v=v)
+    dense = sum(name == "dense" for name in report.family[0])
+    assert dense <= 0.25 * 24 and (report.error > 0.05).all()
+    target = target_density(Budget(density=0.15), layout, 64)
+    assert float(video_density(plan.to_block_mask(), layout, (64, 64)).mean()) <= 1.1 * target + 1e-6
