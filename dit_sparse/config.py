@@ -5,12 +5,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-PATTERNS = ("auto", "radial", "spatiotemporal", "semantic", "adaptive", "dense")
+PATTERNS = ("auto", "radial", "spatiotemporal", "semantic", "adaptive", "dense", "radial_paper", "svg1", "svg2")
 BACKENDS = ("auto", "torch", "torch_reference", "triton", "flex")
+# The peers' rules and the defaults of their public code (docs/families.md, "Peer presets").
+PRESETS: dict[str, dict[str, Any]] = {
+    "radial_paper": {"pattern": "radial_paper", "block_size": 128, "radial_decay": 0.2, "dense_steps": 12 / 50,
+                     "dense_layers": (0,)},
+    "svg1": {"pattern": "svg1", "density": 0.25, "block_size": 128, "dense_steps": 0.075, "dense_layers": ()},
+    "svg2": {"pattern": "svg2", "top_p": 0.9, "kmeans_iters": 50, "dense_steps": 0.2, "dense_layers": ()},
+}
 DEFAULT_DENSITY = 0.15
 # The fields a plan depends on: plans saved under one config serve another that agrees on these.
 PLAN_FIELDS = ("pattern", "density", "top_p", "alpha", "exponent", "block_size", "tile_shape", "min_recall",
-               "per_context_plans", "seed", "query_clusters", "key_clusters", "kmeans_iters")
+               "max_error", "fallback_share", "error_rows", "radial_decay", "per_context_plans", "seed",
+               "query_clusters", "key_clusters", "kmeans_iters")
 
 
 @dataclass
@@ -18,9 +26,10 @@ class SparseAttentionConfig:
     """Configuration for :func:`dit_sparse.apply_sparse_attention`.
 
     Args:
-        pattern: ``"auto"`` (per head, the family with the best measured recall), ``"radial"``,
-            ``"spatiotemporal"``, ``"semantic"``, ``"adaptive"`` (measured block mass), or
-            ``"dense"`` (the hooks run, attention stays dense: a baseline).
+        pattern: ``"auto"`` (per head, the family with the lowest estimated output error), ``"radial"``,
+            ``"spatiotemporal"``, ``"semantic"``, ``"adaptive"`` (measured block mass),
+            ``"dense"`` (the hooks run, attention stays dense: a baseline), or a peer's own rule:
+            ``"radial_paper"``, ``"svg1"``, ``"svg2"`` (start from :meth:`preset` for their defaults).
         density: fraction of key blocks each query block keeps. The default budget (0.15) when
             neither ``top_p`` nor ``alpha`` is given.
         top_p: keep each query block's heaviest key blocks until this share of its attention mass.
@@ -34,8 +43,19 @@ class SparseAttentionConfig:
         block_size: tokens per block, or ``(query, key)`` block sizes.
         tile_shape: ``(t, h, w)`` spatio-temporal tile that blocks are cut from; ``None`` picks one
             whose volume is the key block size.
-        min_recall: with ``pattern="auto"``, a head whose best family keeps less attention mass
-            than this stays dense.
+        min_recall: ``None`` (default): ``pattern="auto"`` chooses each head's family by its
+            estimated output error and spends ``fallback_share`` on the worst heads. A number selects
+            the earlier rule: each head's family by measured recall, and heads whose best family keeps
+            less attention mass than ``min_recall`` stay dense (whatever that costs).
+        max_error: with ``pattern="auto"`` (by error), heads whose estimated relative output error
+            exceeds this get more density from the fallback, worst first.
+        fallback_share: the fallback may spend up to ``(1 + fallback_share)`` times the requested
+            video density on average over a call's heads (0.1: a request of 0.15 spends at most
+            0.165), on top of what the chosen masks spend; 0 leaves it only what they leave unspent.
+        error_rows: query rows per head sampled for the error estimate (exact dense and sparse
+            outputs of those rows at the calibration step).
+        radial_decay: with ``pattern="radial_paper"``, the paper's decay factor (its mask ignores
+            the budget: the decay sets the density).
         backend: attention backend (see :func:`dit_sparse.sparse_attention`).
         per_context_plans: separate plans for the conditional and unconditional CFG passes.
         seed: seed of the semantic clustering.
@@ -65,7 +85,11 @@ class SparseAttentionConfig:
     recalibrate_at: tuple[int, ...] = ()
     block_size: int | tuple[int, int] = 64
     tile_shape: tuple[int, int, int] | None = None
-    min_recall: float = 0.8
+    min_recall: float | None = None
+    max_error: float = 0.05
+    fallback_share: float = 0.1
+    error_rows: int = 256
+    radial_decay: float = 0.2
     backend: str = "auto"
     per_context_plans: bool = True
     seed: int = 0
@@ -106,7 +130,18 @@ class SparseAttentionConfig:
             if len(tile) != 3 or not all(isinstance(s, int) and s >= 1 for s in tile):
                 raise ValueError(f"tile_shape must be three positive ints (t, h, w), got {self.tile_shape!r}")
             self.tile_shape = tile
-        _check_fraction("min_recall", self.min_recall, allow_zero=True)
+        _check_fraction("min_recall (or None to choose by output error)", self.min_recall, allow_zero=True)
+        if isinstance(self.max_error, bool) or not isinstance(self.max_error, (int, float)) or self.max_error < 0:
+            raise ValueError(f"max_error must be a number >= 0, got {self.max_error!r}")
+        if isinstance(self.fallback_share, bool) or not isinstance(self.fallback_share, (int, float)) or self.fallback_share < 0:
+            raise ValueError(f"fallback_share must be a number >= 0 (0 turns the fallback off), got {self.fallback_share!r}")
+        _check_count("error_rows", self.error_rows, minimum=1)
+        if isinstance(self.radial_decay, bool) or not isinstance(self.radial_decay, (int, float)) or self.radial_decay <= 0:
+            raise ValueError(f"radial_decay must be a number > 0, got {self.radial_decay!r}")
+        if self.pattern == "svg1" and self.density is None:
+            raise ValueError("pattern='svg1' takes its sparsity as density=... (the share of pairs its band keeps)")
+        if self.pattern == "radial_paper" and self.block_sizes[0] != self.block_sizes[1]:
+            raise ValueError(f"pattern='radial_paper' needs equal query and key blocks, got {self.block_size!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         for name in ("per_context_plans", "reuse_plans"):
@@ -116,6 +151,37 @@ class SparseAttentionConfig:
             if getattr(self, name) is not None:
                 _check_count(f"{name} (or None to scale it with the video)", getattr(self, name), minimum=1)
         _check_count("kmeans_iters", self.kmeans_iters, minimum=1)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> SparseAttentionConfig:
+        """A peer's rule with the defaults of its public code (``"radial_paper"``, ``"svg1"``,
+        ``"svg2"``); ``overrides`` change any field.
+
+        Example::
+
+            >>> config = SparseAttentionConfig.preset("svg1")
+            >>> config.pattern, config.density, config.block_size, config.num_dense_steps(50)
+            ('svg1', 0.25, 128, 3)
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        fields_ = dict(PRESETS[name])
+        if any(b in overrides for b in ("density", "top_p", "alpha")):
+            for b in ("density", "top_p", "alpha"):
+                fields_.pop(b, None)
+        return cls(**{**fields_, **overrides})
+
+    @property
+    def needs_values(self) -> bool:
+        """Whether calibration needs the attention call's values: ``auto`` choosing by error, and
+        ``svg1`` (which profiles each head's output)."""
+        return self.chooses_by_error or self.pattern == "svg1"
+
+    @property
+    def chooses_by_error(self) -> bool:
+        """Whether planning estimates output errors: ``pattern="auto"`` without ``min_recall`` and
+        with a count budget (a ``top_p`` budget is itself a recall target and keeps the recall rule)."""
+        return self.pattern == "auto" and self.min_recall is None and self.top_p is None
 
     @property
     def block_sizes(self) -> tuple[int, int]:

@@ -169,10 +169,10 @@ class SparseAttentionController:
             call.record.dense += 1
             calibrated_now = entry is not None and entry.generation == self._generation and entry.step == call.step
             if entry is None or not (self._kept(entry) or calibrated_now):
-                self._calibrate(plan_key, call, query, key)
+                self._calibrate(plan_key, call, query, key, value)
             return out
         if entry is None or not (self._kept(entry) or entry.generation == self._generation):
-            entry = self._calibrate(plan_key, call, query, key)
+            entry = self._calibrate(plan_key, call, query, key, value)
         if entry.plan.device != query.device:
             self.plans.to(query.device)
         call.record.add_sparse(entry.density)
@@ -222,14 +222,19 @@ class SparseAttentionController:
         """Whether ``entry`` serves without calibrating: loaded, or kept from an earlier call."""
         return entry.loaded or (self.config.reuse_plans and entry.generation != self._generation)
 
-    def _calibrate(self, plan_key: PlanKey, call: _Call, query: torch.Tensor, key: torch.Tensor) -> CachedPlan:
-        plan, report = build_plan(query, key, call.layout, self.config, share_batch=not self.config.per_context_plans)
+    def _calibrate(
+        self, plan_key: PlanKey, call: _Call, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> CachedPlan:
+        plan, report = build_plan(
+            query, key, call.layout, self.config, share_batch=not self.config.per_context_plans, v=value
+        )
         entry = self.plans.put(plan_key, plan, report, self._generation, call.step)
         call.record.calibrations += 1
         self._stats.plans.append(PlanStats(
             transformer=plan_key.transformer, layer=plan_key.layer, context=plan_key.context, step=call.step,
             grid=call.layout.grid, text_len=call.layout.text_len, family=report.family,
             recall=report.recall.tolist(), density=report.density.tolist(), seconds=report.seconds,
+            error=None if report.error is None else report.error.tolist(),
         ))
         return entry
 

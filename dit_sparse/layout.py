@@ -123,6 +123,18 @@ class TokenLayout:
         """The order that keeps video tokens in raster order, followed by the text tokens."""
         return self._with_text(torch.arange(self.video_len))
 
+    def position_order(self) -> torch.Tensor:
+        """The position-major order (SVG1's temporal heads): token ``(t, h, w)`` at permuted position
+        ``(h * W + w) * T + t``, so the frames of one position are adjacent; text last.
+
+        Example::
+
+            >>> TokenLayout((2, 1, 3)).position_order().tolist()
+            [0, 3, 1, 4, 2, 5]
+        """
+        frames = self.grid[0]
+        return self._with_text(torch.arange(self.video_len).view(frames, -1).T.reshape(-1))
+
     def tile_order(self, tile: TileShape) -> torch.Tensor:
         """A permutation that groups the video into ``tile = (t, h, w)`` spatio-temporal tiles.
 

@@ -2,9 +2,12 @@
 
 Calibration measures what the families need once: the block mass over the tile order and, for the
 semantic family, each head's query/key clustering and the block mass over its cluster orders.
-Planning turns that into a mask per head for the configured pattern and budget; ``auto`` keeps, per
-head, the family whose mask serves the budget best (highest recall at the density; the sparsest
-mask reaching ``top_p``), and leaves dense the heads that no family serves above ``min_recall``.
+Planning turns that into a mask per head for the configured pattern and budget. ``auto`` keeps, per
+head, the family whose mask has the lowest estimated output error at the budget (exact dense and
+sparse outputs on sampled query rows), then spends at most ``fallback_share`` of the budget on more
+density (1.5 to 4 times the budget, or dense) for the heads whose error exceeds ``max_error``,
+worst first. With ``min_recall`` set (or a ``top_p`` budget) it keeps the recall rule instead: the
+family whose mask keeps the most measured attention mass, and heads below ``min_recall`` dense.
 """
 
 from __future__ import annotations
@@ -17,13 +20,33 @@ import torch
 from .budget import Budget
 from .calibration import measure_block_mass
 from .config import SparseAttentionConfig
-from .families import adaptive_block_mask, cluster_heads, fit_radial, fit_spatiotemporal, semantic_block_mask
+from .families.peers import (
+    SVG1_PROFILE_FIRST_TOKENS,
+    SVG1_PROFILE_ROWS,
+    radial_paper_block_mask,
+    svg1_block_mask,
+    svg1_profile_mask,
+    svg2_block_mask,
+    svg2_cluster_counts,
+)
+from .families import (
+    adaptive_block_mask,
+    cluster_heads,
+    fit_band,
+    fit_radial,
+    fit_radial_band,
+    fit_spatiotemporal,
+    semantic_block_mask,
+)
 from .families.semantic import SemanticClustering
 from .layout import TokenLayout
+from .output_error import Candidate, RowSample, estimate_errors
 from .plan import BlockSparsePlan
-from .scoring import BestPerHead, recall
+from .scoring import BestPerHead, recall, target_density, video_density
 
 FAMILIES = ("radial", "spatiotemporal", "semantic", "adaptive")
+# The densities, in multiples of the budget's, that auto's fallback may raise a head to (or dense).
+FALLBACK_LEVELS = (1.5, 2.0, 3.0, 4.0)
 
 __all__ = ["FAMILIES", "Calibration", "PlanReport", "build_plan", "calibrate", "plan_from_calibration", "recall"]
 
@@ -37,12 +60,29 @@ class PlanReport:
         recall: ``[B, H]`` share of the measured attention mass the plan keeps.
         density: ``[B, H]`` fraction of the attention FLOPs the plan keeps.
         seconds: wall time of calibration and planning.
+        error: ``[B, H]`` estimated relative output error on the sampled query rows (``None`` when
+            the pattern did not estimate it).
     """
 
     family: list[list[str]]
     recall: torch.Tensor
     density: torch.Tensor
     seconds: float
+    error: torch.Tensor | None = None
+
+
+# The token orders a family's variants use: the tile order, the raster order, the position-major
+# order (all shared by every head) and each head's cluster orders.
+FAMILY_ORDERS = {
+    "radial": ("tile", "raster"),
+    "spatiotemporal": ("tile", "raster", "position"),
+    "semantic": ("semantic",),
+    "adaptive": ("tile",),
+    "radial_paper": ("raster",),
+    "svg1": ("raster", "position"),
+    "svg2": ("semantic",),
+}
+PEERS = ("radial_paper", "svg1", "svg2")
 
 
 @dataclass
@@ -52,11 +92,13 @@ class Calibration:
     Attributes:
         layout, block_size, tile: the geometry it was measured on.
         batch_size, num_heads: the plans' batch (1 when shared across the batch) and heads.
-        tile_order: ``[S]`` the tile order the static and adaptive families use.
-        tile_mass: ``[B, H, nQ, nK]`` block mass over the tile order.
+        orders: by name (``"tile"``, ``"raster"``, ``"position"``, ``"semantic"``), the
+            ``(q_order, kv_order)`` pairs measured (``[S]``, or ``[B, H, S]`` for ``"semantic"``).
+        masses: by the same names, the ``[B, H, nQ, nK]`` block mass over that order.
         clustering: the semantic family's k-means (``None`` when no pattern needs it).
-        semantic_mass: ``[B, H, nQ, nK]`` block mass over the cluster orders (or ``None``).
         seconds: wall time of the calibration.
+        rows: the sampled query rows, keys and values for the output-error estimate (``None`` when
+            the pattern does not choose by error).
     """
 
     layout: TokenLayout
@@ -64,11 +106,16 @@ class Calibration:
     tile: tuple[int, int, int]
     batch_size: int
     num_heads: int
-    tile_order: torch.Tensor
-    tile_mass: torch.Tensor | None
+    orders: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    masses: dict[str, torch.Tensor]
     clustering: SemanticClustering | None
-    semantic_mass: torch.Tensor | None
     seconds: float
+    rows: RowSample | None = None
+
+    @property
+    def tile_order(self) -> torch.Tensor:
+        """``[S]`` the tile order."""
+        return self.orders["tile"][0]
 
 
 def build_plan(
@@ -77,6 +124,7 @@ def build_plan(
     layout: TokenLayout,
     config: SparseAttentionConfig,
     share_batch: bool = False,
+    v: torch.Tensor | None = None,
 ) -> tuple[BlockSparsePlan, PlanReport]:
     """Calibrate on one attention call and plan every head.
 
@@ -86,6 +134,8 @@ def build_plan(
         config: pattern, budget, block size and tile shape.
         share_batch: one plan for the whole batch (block mass averaged over it) instead of one
             per batch element.
+        v: ``(B, S, H, D)`` values, needed when ``config.chooses_by_error`` (``pattern="auto"``,
+            the default).
 
     Returns the plan (on ``q``'s device; batch size 1 if ``share_batch`` else B) and a report.
 
@@ -98,7 +148,7 @@ def build_plan(
         >>> plan.density()
         0.25
     """
-    return plan_from_calibration(calibrate(q, k, layout, config, share_batch), config)
+    return plan_from_calibration(calibrate(q, k, layout, config, share_batch, v=v), config)
 
 
 def calibrate(
@@ -107,35 +157,50 @@ def calibrate(
     layout: TokenLayout,
     config: SparseAttentionConfig,
     share_batch: bool = False,
+    v: torch.Tensor | None = None,
 ) -> Calibration:
     """Measure what ``config.pattern`` needs from one attention call (see :func:`build_plan`).
 
     Never holds an ``S x S`` matrix: block masses come from the chunked two-pass measurement
-    (the Triton kernel on CUDA).
+    (the Triton kernel on CUDA), output errors from ``config.error_rows`` sampled query rows.
     """
     start = time.perf_counter()
     _check_inputs(q, k, layout)
+    if config.needs_values and v is None:
+        if config.pattern == "svg1":
+            raise ValueError("pattern='svg1' profiles each head's output and needs the values: pass v=...")
+        raise ValueError(
+            "pattern='auto' chooses each head's family by its output error and needs the values: pass v=..., "
+            "or set min_recall (e.g. 0.0) to choose by measured recall instead"
+        )
     blocks = config.block_sizes
     tile = config.tile_for(layout.grid)
-    tile_order = layout.tile_order(tile).to(q.device)
-    tile_mass = clustering = semantic_mass = None
-    if config.pattern != "dense":
-        tile_mass = _batch_mean(measure_block_mass(q, k, layout, blocks, order=tile_order, backend=config.backend), share_batch)
-    if config.pattern in ("semantic", "auto"):
+    families = FAMILIES if config.pattern == "auto" else () if config.pattern == "dense" else (config.pattern,)
+    needed = {name for family in families for name in FAMILY_ORDERS[family]}
+    orders = {"tile": (layout.tile_order(tile).to(q.device),) * 2}
+    clustering = None
+    if "raster" in needed:
+        orders["raster"] = (layout.identity_order().to(q.device),) * 2
+    if "position" in needed:
+        orders["position"] = (layout.position_order().to(q.device),) * 2
+    if "semantic" in needed:
         q_in, k_in = (x.mean(0, keepdim=True) if share_batch else x for x in (q, k))
-        clustering = cluster_heads(
-            q_in, k_in, layout, config.query_clusters, config.key_clusters, config.kmeans_iters, config.seed
-        )
-        q_order, kv_order = clustering.orders(layout)
-        semantic_mass = _batch_mean(
-            measure_block_mass(q, k, layout, blocks, order=q_order, kv_order=kv_order, backend=config.backend),
-            share_batch,
-        )
+        counts = (config.query_clusters, config.key_clusters)
+        if config.pattern == "svg2":
+            counts = tuple(c if c is not None else d for c, d in zip(counts, svg2_cluster_counts(layout)))
+        clustering = cluster_heads(q_in, k_in, layout, *counts, config.kmeans_iters, config.seed)
+        orders["semantic"] = clustering.orders(layout)
+    masses = {
+        name: _batch_mean(measure_block_mass(q, k, layout, blocks, order=q_order, kv_order=kv_order, backend=config.backend), share_batch)
+        for name, (q_order, kv_order) in orders.items() if name in needed
+    }
+    rows = None
+    if v is not None and config.pattern == "auto":
+        rows = RowSample.of(q, k, v, layout, config.error_rows, config.seed)
+    elif config.pattern == "svg1":
+        rows = RowSample.of(q, k, v, layout, SVG1_PROFILE_ROWS, config.seed, within=SVG1_PROFILE_FIRST_TOKENS)
     batch = 1 if share_batch else q.shape[0]
-    return Calibration(
-        layout, blocks, tile, batch, q.shape[2], tile_order, tile_mass, clustering, semantic_mass,
-        time.perf_counter() - start,
-    )
+    return Calibration(layout, blocks, tile, batch, q.shape[2], orders, masses, clustering, time.perf_counter() - start, rows)
 
 
 def plan_from_calibration(
@@ -149,47 +214,172 @@ def plan_from_calibration(
     if config.pattern == "dense":
         return _dense_plan(calibration, start)
     families = FAMILIES if config.pattern == "auto" else (config.pattern,)
-    if calibration.semantic_mass is None and "semantic" in families:
-        raise ValueError(f"this calibration has no clustering; calibrate with pattern={config.pattern!r}")
+    missing = sorted({name for family in families for name in FAMILY_ORDERS[family]} - set(calibration.masses))
+    if missing:
+        raise ValueError(
+            f"this calibration has no block mass over the {', '.join(missing)} order; calibrate with pattern={config.pattern!r}"
+        )
     budget = Budget.from_config(config)
+    if config.pattern in PEERS:
+        return _plan_peer(calibration, config, budget, start)
+    if config.chooses_by_error:
+        if calibration.rows is None:
+            raise ValueError("this calibration sampled no rows for the error estimate; calibrate with pattern='auto' and v=...")
+        return _plan_by_error(calibration, config, budget, start)
     best = BestPerHead(budget, layout, blocks)
-    for name in families:
-        mask, mass = _family_mask(name, calibration, budget)
-        best.offer(mask, mass)
-    chosen = [[families[i] for i in row] for row in best.index.tolist()]
+    candidates = [c for family in families for c in _candidates(family, calibration, budget)]
+    for candidate in candidates:
+        best.offer(candidate.mask, calibration.masses[candidate.orders])
+    chosen = [[candidates[i] for i in row] for row in best.index.tolist()]
     mask, kept = best.mask, best.recall
-    if config.pattern == "auto":
+    family = [[c.family for c in row] for row in chosen]
+    order_names = [[c.orders for c in row] for row in chosen]
+    if config.pattern == "auto" and config.min_recall is not None:
         dense = kept < config.min_recall
         mask = mask | dense[..., None, None]
         kept = torch.where(dense, 1.0, kept)
-        chosen = [[name if not d else "dense" for name, d in zip(names, row)] for names, row in zip(chosen, dense.tolist())]
-    q_order, kv_order = _orders(calibration, chosen)
+        family = [[name if not d else "dense" for name, d in zip(names, row)] for names, row in zip(family, dense.tolist())]
+    q_order, kv_order = _orders(calibration, order_names)
     plan = BlockSparsePlan.from_block_mask(mask, layout, blocks, q_order=q_order, kv_order=kv_order)
     seconds = calibration.seconds + time.perf_counter() - start
-    return plan, PlanReport(chosen, kept, plan.density(per_head=True), seconds)
+    return plan, PlanReport(family, kept, plan.density(per_head=True), seconds)
 
 
-def _family_mask(name: str, calibration: Calibration, budget: Budget) -> tuple[torch.Tensor, torch.Tensor]:
-    """One family's ``[B, H, nQ, nK]`` mask and the block mass over its orders."""
-    layout, blocks, tile, mass = calibration.layout, calibration.block_size, calibration.tile, calibration.tile_mass
-    if name == "radial":
-        return fit_radial(mass, layout, tile, blocks, budget).mask, mass
-    if name == "spatiotemporal":
-        return fit_spatiotemporal(mass, layout, tile, blocks, budget).mask, mass
-    if name == "semantic":
-        return semantic_block_mask(calibration.clustering, layout, blocks, budget), calibration.semantic_mass
-    return adaptive_block_mask(mass, layout, blocks, budget), mass
+def _plan_by_error(
+    calibration: Calibration, config: SparseAttentionConfig, budget: Budget, start: float
+) -> tuple[BlockSparsePlan, PlanReport]:
+    """``auto`` by estimated output error: each head's best candidate at the budget, then the fallback."""
+    layout, blocks = calibration.layout, calibration.block_size
+    target = target_density(budget, layout, blocks[1])
+    level_budgets = [budget] + [Budget(density=target * f) for f in FALLBACK_LEVELS if target * f < 1]
+    levels = [[c for family in FAMILIES for c in _candidates(family, calibration, level)] for level in level_budgets]
+    per_level = len(levels[0])
+    candidates = [c for level in levels for c in level]
+    errors = estimate_errors(calibration.rows, blocks, calibration.orders, candidates, calibration.batch_size)
+    density = torch.stack([video_density(c.mask, layout, blocks) for c in candidates])
+    kept = torch.stack([recall(calibration.masses[c.orders], c.mask, layout, blocks[0]) for c in candidates])
+    # per level, the candidate with the lowest error among those within the level's density (else the sparsest)
+    limits = torch.tensor([target] + [level.density for level in level_budgets[1:]], device=density.device)
+    by_level = (len(levels), per_level, *density.shape[1:])
+    fits = density.view(by_level) <= limits[:, None, None, None] + 1e-6
+    score = torch.where(fits, 10 - errors.view(by_level), -density.view(by_level))
+    pick = score.argmax(1) + torch.arange(len(levels), device=score.device)[:, None, None] * per_level   # [L, B, H]
+    level = _fallback(errors.gather(0, pick), density.gather(0, pick), config.max_error, (1 + config.fallback_share) * target)
+    dense = level == len(levels)
+    index = pick.gather(0, level.clamp(max=len(levels) - 1)[None])[0]                                   # [B, H]
+    stacked = torch.stack([c.mask.expand(*density.shape[1:], *c.mask.shape[-2:]) for c in candidates])
+    mask = stacked.gather(0, index[None, ..., None, None].expand(1, *stacked.shape[1:]))[0] | dense[..., None, None]
+    chosen = [[candidates[i] for i in row] for row in index.tolist()]
+    family = [["dense" if d else c.family for c, d in zip(row, dense_row)] for row, dense_row in zip(chosen, dense.tolist())]
+    q_order, kv_order = _orders(calibration, [[c.orders for c in row] for row in chosen])
+    plan = BlockSparsePlan.from_block_mask(mask, layout, blocks, q_order=q_order, kv_order=kv_order)
+    kept = torch.where(dense, 1.0, kept.gather(0, index[None])[0])
+    error = torch.where(dense, 0.0, errors.gather(0, index[None])[0])
+    seconds = calibration.seconds + time.perf_counter() - start
+    return plan, PlanReport(family, kept, plan.density(per_head=True), seconds, error)
 
 
-def _orders(calibration: Calibration, chosen: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query and key orders: each semantic head's cluster orders, the tile order elsewhere."""
-    tile_order = calibration.tile_order
-    semantic = torch.tensor([[name == "semantic" for name in row] for row in chosen], device=tile_order.device)
-    if not semantic.any():
-        return tile_order, tile_order
-    q_order, kv_order = calibration.clustering.orders(calibration.layout)
-    pick = semantic[..., None]
-    return torch.where(pick, q_order, tile_order), torch.where(pick, kv_order, tile_order)
+def _plan_peer(
+    calibration: Calibration, config: SparseAttentionConfig, budget: Budget, start: float
+) -> tuple[BlockSparsePlan, PlanReport]:
+    """A peer's own rule (``radial_paper``, ``svg1``, ``svg2``) for every head."""
+    layout, blocks = calibration.layout, calibration.block_size
+    shape = (calibration.batch_size, calibration.num_heads)
+    if config.pattern == "radial_paper":
+        names = "raster"
+        mask = radial_paper_block_mask(layout, blocks[1], config.radial_decay).to(calibration.tile_order.device)
+    elif config.pattern == "svg2":
+        names = "semantic"
+        mask = svg2_block_mask(calibration.clustering, layout, blocks, budget)
+    else:  # svg1: per head the order (spatial: raster, temporal: position-major) whose profiling mask errs less
+        profile = svg1_profile_mask(layout, blocks).to(calibration.tile_order.device)
+        errors = estimate_errors(
+            calibration.rows, blocks, calibration.orders,
+            [Candidate(profile[None, None].expand(1, shape[1], -1, -1), name) for name in ("raster", "position")],
+            calibration.batch_size,
+        )
+        temporal = errors[1] < errors[0]
+        names = [["position" if t else "raster" for t in row] for row in temporal.tolist()]
+        mask = svg1_block_mask(layout, blocks, config.density).to(temporal.device)
+    mask = mask.expand(*shape, *mask.shape[-2:])
+    names = [[names] * shape[1] for _ in range(shape[0])] if isinstance(names, str) else names
+    per_order = {n: recall(calibration.masses[n], mask, layout, blocks[0]) for row in names for n in row}
+    kept = torch.stack([torch.stack([per_order[n][b, h] for h, n in enumerate(row)]) for b, row in enumerate(names)])
+    q_order, kv_order = _orders(calibration, names)
+    plan = BlockSparsePlan.from_block_mask(mask, layout, blocks, q_order=q_order, kv_order=kv_order)
+    family = [[config.pattern] * shape[1] for _ in range(shape[0])]
+    return plan, PlanReport(family, kept, plan.density(per_head=True), calibration.seconds + time.perf_counter() - start)
+
+
+def _fallback(errors: torch.Tensor, density: torch.Tensor, max_error: float, allowed_per_head: float) -> torch.Tensor:
+    """``[B, H]`` the level each head gets (0 the budget's, ``L`` dense), from ``[L, B, H]`` errors and
+    video densities of each level's choice.
+
+    The call's heads share one pool: ``allowed_per_head`` times the heads, less what the level-0
+    choices spend (so masks that under-spend the budget leave it to the fallback). Heads whose error
+    exceeds ``max_error`` are served worst first: each takes the cheapest option that brings it
+    within ``max_error``, else the one with the lowest error, among those the pool still affords.
+
+    Example::
+
+        >>> errors = torch.tensor([[[0.3, 0.02]], [[0.04, 0.01]]])       # levels x batch x heads
+        >>> density = torch.tensor([[[0.1, 0.1]], [[0.2, 0.2]]])
+        >>> _fallback(errors, density, max_error=0.05, allowed_per_head=0.15).tolist()
+        [[1, 0]]
+    """
+    levels = errors.shape[0]
+    options_error = torch.cat([errors, torch.zeros_like(errors[:1])]).flatten(1).tolist()
+    options_density = torch.cat([density, torch.ones_like(density[:1])]).flatten(1).tolist()
+    choice = [0] * len(options_error[0])
+    pool = allowed_per_head * len(choice) - sum(options_density[0])
+    for head in sorted(range(len(choice)), key=lambda h: -options_error[0][h]):
+        now_error = options_error[0][head]
+        if now_error <= max_error:
+            break
+        affordable = [
+            level for level in range(1, levels + 1)
+            if options_density[level][head] - options_density[0][head] <= pool + 1e-6 and options_error[level][head] < now_error
+        ]
+        if not affordable:
+            continue
+        within = [level for level in affordable if options_error[level][head] <= max_error]
+        best = min(within, key=lambda lv: options_density[lv][head]) if within else min(affordable, key=lambda lv: options_error[lv][head])
+        pool -= options_density[best][head] - options_density[0][head]
+        choice[head] = best
+    return torch.tensor(choice, device=errors.device).view(errors.shape[1:])
+
+
+def _candidates(family: str, calibration: Calibration, budget: Budget) -> list[Candidate]:
+    """One family's masks at ``budget``: one per token order it uses, each fitted per head on the
+    block mass over that order."""
+    layout, blocks, tile, masses = calibration.layout, calibration.block_size, calibration.tile, calibration.masses
+    out = []
+    for order in FAMILY_ORDERS[family]:
+        mass = masses[order]
+        if family == "radial":
+            mask = (fit_radial(mass, layout, tile, blocks, budget) if order == "tile" else fit_radial_band(mass, layout, blocks, budget)).mask
+        elif family == "spatiotemporal":
+            mask = (fit_spatiotemporal(mass, layout, tile, blocks, budget) if order == "tile" else fit_band(mass, layout, blocks, budget)).mask
+        elif family == "semantic":
+            mask = semantic_block_mask(calibration.clustering, layout, blocks, budget)
+        else:
+            mask = adaptive_block_mask(mass, layout, blocks, budget)
+        out.append(Candidate(mask.expand_as(mass), order, family))
+    return out
+
+
+def _orders(calibration: Calibration, names: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, H, S]`` query and key orders: each head's from the named order it was planned over."""
+    batch, heads = len(names), len(names[0])
+    picked = []
+    for which in (0, 1):
+        out = calibration.tile_order.expand(batch, heads, -1).clone()
+        for name, pair in calibration.orders.items():
+            chosen = torch.tensor([[n == name for n in row] for row in names], device=out.device)
+            if chosen.any():
+                out = torch.where(chosen[..., None], pair[which].expand_as(out), out)
+        picked.append(out)
+    return picked[0], picked[1]
 
 
 def _dense_plan(calibration: Calibration, start: float) -> tuple[BlockSparsePlan, PlanReport]:

@@ -55,6 +55,8 @@ class PlanStats:
         recall: ``[B][H]`` share of the measured attention mass kept.
         density: ``[B][H]`` fraction of the attention FLOPs kept.
         seconds: calibration and planning time.
+        error: ``[B][H]`` estimated relative output error on sampled query rows (``None`` unless
+            ``pattern="auto"`` chose by error).
     """
 
     transformer: str
@@ -67,6 +69,7 @@ class PlanStats:
     recall: list[list[float]]
     density: list[list[float]]
     seconds: float
+    error: list[list[float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

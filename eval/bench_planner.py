@@ -47,12 +47,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     dense = lambda: dense_attention(data.q, data.k, data.v)  # noqa: E731
     dense()
-    build_plan(data.q, data.k, data.layout, SparseAttentionConfig(pattern="auto"))
+    build_plan(data.q, data.k, data.layout, SparseAttentionConfig(pattern="auto"), v=data.v)
     for pattern in PATTERNS:
         config = SparseAttentionConfig(pattern=pattern, density=args.density)
         plan_times, dense_times = [], []
         for _ in range(args.repeats):
-            plan_times.append(timed(lambda: build_plan(data.q, data.k, data.layout, config)))
+            plan_times.append(timed(lambda: build_plan(data.q, data.k, data.layout, config, v=data.v)))
             dense_times.append(timed(dense))
         plan_wall, plan_cpu = (statistics.median(t[i] for t in plan_times) for i in (0, 1))
         dense_wall, dense_cpu = (statistics.median(t[i] for t in dense_times) for i in (0, 1))

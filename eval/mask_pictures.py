@@ -30,10 +30,10 @@ def pictures(grid, text_len: int, density: float, block_size: int, seed: int) ->
     """Per pattern, the ``[H, nQ, nK]`` picture (``MASK_SKIPPED``, ``MASK_KEPT``, ``MASK_TEXT`` for text
     blocks) and the plan report."""
     data = synthetic_attention(grid, HEAD_TYPES, head_dim=64, text_len=text_len, seed=seed)
-    calibration = calibrate(data.q, data.k, data.layout, SparseAttentionConfig(pattern="auto", block_size=block_size))
+    calibration = calibrate(data.q, data.k, data.layout, SparseAttentionConfig(pattern="auto", block_size=block_size), v=data.v)
     out = {}
     for pattern in PATTERNS:
-        config = SparseAttentionConfig(pattern=pattern, density=density, block_size=block_size, min_recall=0.0)
+        config = SparseAttentionConfig(pattern=pattern, density=density, block_size=block_size)
         plan, report = plan_from_calibration(calibration, config)
         picture = plan.to_block_mask()[0].float()
         video_blocks = data.layout.num_video_blocks(block_size)

@@ -13,6 +13,8 @@ holds (logits are ``q . k / sqrt(D)``):
   neighbourhood.
 - ``temporal``: the same with ``u`` in the row and column parts only: attention to the same
   position (and its neighbourhood) in every frame.
+- ``frame``: the same with ``u`` in the frame part only: attention to the whole of the query's own
+  frame (and, less, the nearby frames), whatever the position.
 - ``sink``: a local head plus sink tokens (one per ``TOKENS_PER_SINK`` video tokens, anywhere in
   the video) whose keys align with every query along the slowest frequencies, which barely turn
   (logit ``2 * SINK_SCALE**2`` on top).
@@ -44,8 +46,11 @@ import torch
 from dit_sparse import TokenLayout
 
 HEAD_TYPES = ("local", "temporal", "sink", "semantic")
+# The five kinds of the peer benchmark (eval.study_peers): HEAD_TYPES and whole-frame heads.
+PEER_BENCHMARK_TYPES = ("local", "frame", "temporal", "semantic", "sink")
+KINDS = (*HEAD_TYPES, "frame")
 ROPE_BASE = 10000.0
-CONTENT_SCALE = {"local": 5.5, "temporal": 5.5, "sink": 5.5, "semantic": 1.0}
+CONTENT_SCALE = {"local": 5.5, "temporal": 5.5, "frame": 5.5, "sink": 5.5, "semantic": 1.0}
 SINK_SCALE = 2.3
 REGION_SCALE = 3.0
 NOISE = 0.3
@@ -77,14 +82,14 @@ def synthetic_attention(
 
     Args:
         grid: ``(T, H, W)`` video grid in tokens (any size; ``T = 1`` is an image).
-        head_types: one of :data:`HEAD_TYPES` per head.
+        head_types: one of :data:`KINDS` per head.
         head_dim: D, a multiple of 8.
         text_len, text_first: text tokens in the sequence and their side.
         seed: seeds everything.
     """
-    unknown = sorted(set(head_types) - set(HEAD_TYPES))
+    unknown = sorted(set(head_types) - set(KINDS))
     if unknown:
-        raise ValueError(f"unknown head types {unknown}; choose from {', '.join(HEAD_TYPES)}")
+        raise ValueError(f"unknown head types {unknown}; choose from {', '.join(KINDS)}")
     if head_dim % 8:
         raise ValueError(f"head_dim must be a multiple of 8 (three even rotary parts), got {head_dim}")
     layout = TokenLayout(grid, text_len, text_first)
@@ -140,7 +145,7 @@ def _direction(pairs: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def _head(kind: str, coords: torch.Tensor, grid, rope: _Rotary, field: torch.Tensor, g: torch.Generator):
     n, dim = coords.shape[0], rope.cos.shape[1] * 2
-    axes = (1, 2) if kind == "temporal" else (0, 1, 2)
+    axes = {"temporal": (1, 2), "frame": (0,)}.get(kind, (0, 1, 2))
     u = _direction(rope.pair_mask(axes, FAST), g) * CONTENT_SCALE[kind] * dim**0.25
     q_content = u + NOISE * torch.randn(n, dim, generator=g)
     k_content = u + NOISE * torch.randn(n, dim, generator=g)

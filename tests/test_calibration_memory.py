@@ -18,10 +18,10 @@ torch.set_num_threads(1)
 layout = TokenLayout((1, 128, 130))
 assert layout.seq_len == {SEQ_LEN}
 g = torch.Generator().manual_seed(0)
-q, k = (torch.randn(1, layout.seq_len, 1, 16, generator=g) for _ in range(2))
-build_plan(q[:, :1024], k[:, :1024], TokenLayout((1, 32, 32)), SparseAttentionConfig(pattern="auto"))
+q, k, v = (torch.randn(1, layout.seq_len, 1, 16, generator=g) for _ in range(3))
+build_plan(q[:, :1024], k[:, :1024], TokenLayout((1, 32, 32)), SparseAttentionConfig(pattern="auto"), v=v[:, :1024])
 before = peak_kib()
-plan, report = build_plan(q, k, layout, SparseAttentionConfig(pattern="auto", block_size=128))
+plan, report = build_plan(q, k, layout, SparseAttentionConfig(pattern="auto", block_size=128), v=v)
 print(json.dumps({{"before": before, "after": peak_kib(), "family": report.family}}))
 """
 

@@ -8,6 +8,8 @@ from dit_sparse import SparseAttentionConfig, TokenLayout
 from dit_sparse.budget import Budget
 from dit_sparse.families import (
     adaptive_block_mask,
+    band_thresholds,
+    radial_band_thresholds,
     radial_block_mask,
     radial_thresholds,
     spatiotemporal_block_mask,
@@ -16,7 +18,7 @@ from dit_sparse.families import (
 from dit_sparse.families.spatiotemporal import sink_key_blocks
 from dit_sparse.families.window import solve_window
 from dit_sparse.scoring import recall, video_density
-from token_rules import radial_rule, spatiotemporal_rule
+from token_rules import band_rule, radial_band_rule, radial_rule, spatiotemporal_rule
 
 # (layout, tile, block sizes): odd grids, partial tiles, text first and last, unequal blocks.
 SMALL_CASES = [
@@ -62,6 +64,40 @@ def test_spatiotemporal_matches_token_rule(layout, tile, blocks, frame_cost):
         assert np.array_equal((thresholds <= radius).numpy(), expected), radius
 
 
+@pytest.mark.parametrize("layout,tile,blocks", CASES, ids=IDS)
+@pytest.mark.parametrize("sink", [True, False])
+def test_radial_band_matches_token_rule(layout, tile, blocks, sink):
+    thresholds = radial_band_thresholds(layout, blocks, sink)
+    for width in (0.5, 5.0, 9.0, 17.0, 40.0, 90.0, 400.0):
+        expected = radial_band_rule(layout, blocks, width, sink)
+        assert np.array_equal((thresholds <= width).numpy(), expected), width
+
+
+@pytest.mark.parametrize("layout,tile,blocks", CASES, ids=IDS)
+@pytest.mark.parametrize("order", ["raster", "position"])
+def test_band_matches_token_rule(layout, tile, blocks, order):
+    thresholds = band_thresholds(layout, blocks)
+    tokens = layout.identity_order() if order == "raster" else layout.position_order()
+    for width in (0.5, 7.0, 20.0, 70.0):
+        assert np.array_equal((thresholds <= width).numpy(), band_rule(layout, tokens, blocks, width)), width
+
+
+def test_radial_band_is_dense_near_the_diagonal_and_thins_far_frames():
+    layout, blocks = TokenLayout((9, 16, 16)), (64, 64)          # a frame is 4 blocks
+    per_frame = (radial_band_thresholds(layout, blocks, sink=False) <= 256.0)[0].view(9, 4).sum(-1)
+    # half-width 256 (a frame): frames 0-1 dense, 2-3 +-128, 4-7 +-64 (one block: the query block and
+    # the next, one token away), 8 +-32: narrower than a block, kept one block wide as 8 is even
+    assert per_frame.tolist() == [4, 4, 3, 3, 2, 2, 2, 2, 2]
+    thinned = (radial_band_thresholds(layout, blocks, sink=False) <= 64.0)[0].view(9, 4).sum(-1)
+    # +-32 at 2-3, +-16 at 4-7, +-8 at 8: a block wide on frame distances that 2, 4 and 8 divide
+    assert thinned.tolist() == [2, 2, 2, 0, 2, 0, 0, 0, 2]
+
+
+def test_position_order_puts_the_frames_of_a_position_together():
+    layout = TokenLayout((3, 2, 2), text_len=2, text_first=True)
+    assert layout.position_order().tolist() == [2, 6, 10, 3, 7, 11, 4, 8, 12, 5, 9, 13, 0, 1]   # text last
+
+
 def test_radial_window_shrinks_with_frame_distance():
     layout, tile = TokenLayout((9, 32, 32)), (1, 8, 8)
     mask = radial_thresholds(layout, tile, (64, 64), sink=False) <= 20.0
@@ -72,19 +108,34 @@ def test_radial_window_shrinks_with_frame_distance():
     assert (radial_thresholds(layout, tile, (64, 64), sink=True) <= 0)[:, :16].all()
 
 
-def test_solve_window_count_budget_is_the_largest_window_within():
+def test_solve_window_count_budget_spends_it_on_the_smallest_thresholds():
     layout, blocks = TokenLayout((8, 16, 24), text_len=10), (64, 64)
-    with_sink = radial_thresholds(layout, (1, 8, 8), blocks, sink=True)
-    floor = solve_window(with_sink, Budget(density=0.1), layout, blocks)  # the sink frame alone is 1/8
-    assert torch.equal(floor, with_sink <= 0) and video_density(floor, layout, blocks) > 0.1
+    n_q = n_k = layout.num_video_blocks(64)
+    with_sink = radial_thresholds(layout, (1, 8, 8), blocks, sink=True).masked_fill(
+        torch.zeros(n_q + 1, n_k + 1, dtype=torch.bool).index_fill_(1, torch.arange(6), True), float("-inf"))
+    floor = solve_window(with_sink, Budget(density=0.1), layout, blocks)  # the 6 always-kept columns are 1/8
+    assert floor[:, :6].all() and video_density(floor, layout, blocks) == pytest.approx(6 / n_k)
     thresholds = radial_thresholds(layout, (1, 8, 8), blocks, sink=False)
-    values = thresholds[thresholds.isfinite()].unique()
+    mass = torch.softmax(torch.randn(1, 2, n_q + 1, n_k + 1), -1)
     for density in (0.1, 0.2, 0.45):
-        mask = solve_window(thresholds, Budget(density=density), layout, blocks)
-        assert video_density(mask, layout, blocks) <= density
-        window = thresholds[mask & thresholds.isfinite()].max()
-        larger = values[values > window].min()
-        assert video_density(thresholds <= larger, layout, blocks) > density
+        for given in (None, mass):
+            mask = solve_window(thresholds, Budget(density=density), layout, blocks, given)
+            assert torch.allclose(video_density(mask, layout, blocks).float(), torch.tensor(round(density * n_k) / n_k))
+            video = mask[..., :n_q, :n_k].expand(1, 2, n_q, n_k)
+            assert video.any(-1).all()                               # every query block keeps a key block
+            t = thresholds[:n_q, :n_k]
+            for h in range(2):
+                kept, dropped = t[video[0, h]], t[~video[0, h]]
+                # beyond each row's best block, nothing kept lies above a dropped block
+                row_best = t.min(-1, keepdim=True).values
+                extra = video[0, h] & (t > row_best)
+                assert not extra.any() or t[extra].max() <= dropped.min()
+                if given is not None:                               # at the last window, the heaviest
+                    last = t[extra].max() if extra.any() else kept.max()
+                    tied_kept = video[0, h] & (t == last) & (t > row_best)
+                    tied_dropped = ~video[0, h] & (t == last)
+                    if tied_kept.any() and tied_dropped.any():
+                        assert mass[0, h, :n_q, :n_k][tied_kept].min() >= mass[0, h, :n_q, :n_k][tied_dropped].max()
 
 
 def test_solve_window_top_p_is_the_smallest_window_reaching_p():

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from dit_sparse import SparseAttentionConfig, TokenLayout
+from dit_sparse import SparseAttentionConfig, TokenLayout, sparse_attention
 from dit_sparse.config import PATTERNS
-from dit_sparse.planner import FAMILIES, build_plan, calibrate, plan_from_calibration
+from dit_sparse.planner import FAMILIES, PEERS, build_plan, calibrate, plan_from_calibration
 from dit_sparse.budget import Budget
 from dit_sparse.scoring import target_density, video_density
 
@@ -21,7 +21,7 @@ def qk(layout: TokenLayout, batch: int = 1, heads: int = 3, dim: int = 16):
 
 
 @pytest.mark.parametrize("layout,block_size", LAYOUTS, ids=[str(lay.grid) for lay, _ in LAYOUTS])
-@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("pattern", [p for p in PATTERNS if p not in PEERS])   # peers: tests/test_peers.py
 def test_every_pattern_plans_within_its_density(layout, block_size, pattern):
     q, k = qk(layout)
     config = SparseAttentionConfig(pattern=pattern, density=0.3, block_size=block_size, min_recall=0.0)
@@ -114,7 +114,80 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="pass the layout of this attention call"):
         build_plan(q[:, :-1], k[:, :-1], layout, SparseAttentionConfig())
     calibration = calibrate(q, k, layout, SparseAttentionConfig(pattern="adaptive"))
-    with pytest.raises(ValueError, match="no clustering; calibrate with pattern='semantic'"):
+    with pytest.raises(ValueError, match="no block mass over the semantic order; calibrate with pattern=.semantic."):
         plan_from_calibration(calibration, SparseAttentionConfig(pattern="semantic"))
     with pytest.raises(ValueError, match="measured with blocks"):
         plan_from_calibration(calibration, SparseAttentionConfig(pattern="adaptive", block_size=128))
+
+
+def _sampled_error(data, plan, rows):
+    """Exact relative output error per head on the given query rows: dense SDPA under the plan's
+    token mask against dense SDPA."""
+    dense = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (data.q, data.k, data.v)))
+    sparse = sparse_attention(data.q, data.k, data.v, plan, backend="torch_reference").transpose(1, 2)
+    diff, ref = (sparse - dense)[:, :, rows], dense[:, :, rows]
+    return (diff.pow(2).sum((2, 3)) / ref.pow(2).sum((2, 3))).sqrt()
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    from dit_sparse.eval.synthetic import HEAD_TYPES, synthetic_attention
+
+    data = synthetic_attention((4, 16, 16), HEAD_TYPES, head_dim=16, text_len=20, seed=1)
+    return data, calibrate(data.q, data.k, data.layout, SparseAttentionConfig(), v=data.v)
+
+
+def test_auto_picks_each_heads_family_with_the_lowest_output_error(synthetic):
+    data, calibration = synthetic
+    no_fallback = SparseAttentionConfig(density=0.15, max_error=float("inf"))
+    plan, report = plan_from_calibration(calibration, no_fallback)
+    rows = calibration.rows.rows
+    assert torch.allclose(report.error, _sampled_error(data, plan, rows), atol=1e-4)
+    target = target_density(Budget(density=0.15), data.layout, 64)
+    per_family = {}
+    for name in FAMILIES:
+        family_plan, family_report = plan_from_calibration(calibration, SparseAttentionConfig(pattern=name, density=0.15))
+        fits = video_density(family_plan.to_block_mask(), data.layout, (64, 64)) <= target + 1e-6
+        per_family[name] = torch.where(fits, _sampled_error(data, family_plan, rows), float("inf"))
+    best = torch.stack([per_family[name] for name in FAMILIES]).min(0).values
+    assert torch.allclose(report.error, best, atol=1e-4)
+    assert all(per_family[name][0, h] <= best[0, h] + 1e-4 for h, name in enumerate(report.family[0]))
+
+
+def test_auto_fallback_raises_the_worst_heads_within_its_share(synthetic):
+    data, calibration = synthetic
+    base = plan_from_calibration(calibration, SparseAttentionConfig(density=0.15, max_error=float("inf")))[1]
+    plan, report = plan_from_calibration(calibration, SparseAttentionConfig(density=0.15, max_error=0.0, fallback_share=0.5))
+    target = target_density(Budget(density=0.15), data.layout, 64)
+    spent = video_density(plan.to_block_mask(), data.layout, (64, 64))
+    assert float(spent.mean()) <= 1.5 * target + 1e-6
+    raised = spent > video_density(
+        plan_from_calibration(calibration, SparseAttentionConfig(density=0.15, max_error=float("inf")))[0].to_block_mask(),
+        data.layout, (64, 64),
+    ) + 1e-6
+    assert raised.any() and (report.error[raised] < base.error[raised]).all()
+    worst = int(base.error.argmax())
+    assert bool(raised[0, worst])
+    # a generous share and no tolerated error: the worst head goes dense
+    plan, report = plan_from_calibration(calibration, SparseAttentionConfig(density=0.15, max_error=0.0, fallback_share=10.0))
+    assert report.family[0][worst] == "dense" and float(report.error[0, worst]) == 0.0
+
+
+def test_auto_by_error_needs_the_values():
+    layout = TokenLayout((2, 8, 8))
+    q, k = qk(layout)
+    with pytest.raises(ValueError, match="pass v=..., or set min_recall"):
+        build_plan(q, k, layout, SparseAttentionConfig())
+
+
+def test_auto_defaults_keep_almost_every_head_sparse_even_when_every_head_errs():
+    """Heads of pure noise: every family errs far above max_error, yet the fallback's allowance
+    (a tenth of the budget) leaves at most a handful of heads dense and the budget spent."""
+    layout = TokenLayout((4, 16, 16))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, layout.seq_len, 24, 16, generator=g) for _ in range(3))
+    plan, report = build_plan(q, k, layout, SparseAttentionConfig(), v=v)
+    dense = sum(name == "dense" for name in report.family[0])
+    assert dense <= 0.25 * 24 and (report.error > 0.05).all()
+    target = target_density(Budget(density=0.15), layout, 64)
+    assert float(video_density(plan.to_block_mask(), layout, (64, 64)).mean()) <= 1.1 * target + 1e-6

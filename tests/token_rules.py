@@ -10,10 +10,10 @@ import numpy as np
 from dit_sparse import TokenLayout
 
 
-def pairs(layout: TokenLayout, tile):
-    """Per token pair of the tile order: (query, key) coordinates as [S, 1] and [1, S] arrays, and a
-    text flag per token."""
-    order = layout.tile_order(tile).numpy()
+def pairs(layout: TokenLayout, tile=None, order=None):
+    """Per token pair of the tile order (or of ``order``): (query, key) coordinates as [S, 1] and
+    [1, S] arrays, and a text flag per token."""
+    order = (layout.tile_order(tile) if order is None else order).numpy()
     t, h, w = layout.grid
     video = order - layout.video_offset
     is_text = (video < 0) | (video >= layout.video_len)
@@ -78,4 +78,32 @@ def spatiotemporal_rule(layout: TokenLayout, tile, block_size, radius: float, fr
         keep = (frames == 0) & (dist <= radius)
     else:
         keep = np.sqrt((frame_cost * frames) ** 2 + dist**2) <= radius
+    return pool(keep, is_text, block_size)
+
+
+def radial_band_rule(layout: TokenLayout, block_size, width: float, sink: bool) -> np.ndarray:
+    """Radial Attention's raster band at half-width ``width`` for frame distance <= 1, over the
+    raster order: per frame pair a band of within-frame positions halving per doubling of the frame
+    distance, never narrower than a key block but then kept on every 2**j-th frame pair only."""
+    q, k, is_text = pairs(layout, order=layout.identity_order())
+    _, h, w = layout.grid
+    frames = np.abs(q["t"] - k["t"])
+    gap = np.abs((q["h"] * w + q["w"]) - (k["h"] * w + k["w"]))
+    bits = np.floor(np.log2(np.maximum(frames, 1))) + 1
+    band = width * 2.0 / 2.0**bits
+    narrowest = block_size[1]
+    largest_power_of_two = np.where(frames > 0, frames & -frames, 1)
+    wide = (band >= narrowest) & (gap <= band)
+    keep = wide | ((gap <= narrowest) & ((frames == 0) | (band * largest_power_of_two >= narrowest)))
+    if sink:
+        keep |= k["t"] == 0
+    return pool(keep, is_text, block_size)
+
+
+def band_rule(layout: TokenLayout, order, block_size, width: float) -> np.ndarray:
+    """A 1-D band of half-width ``width`` over the positions of ``order``."""
+    s = layout.seq_len
+    is_text = (order.numpy() < layout.video_offset) | (order.numpy() >= layout.video_offset + layout.video_len)
+    position = np.arange(s)
+    keep = np.abs(position[:, None] - position[None, :]) <= width
     return pool(keep, is_text, block_size)

@@ -64,22 +64,44 @@ class CellGrid:
     ) -> torch.Tensor:
         """Per block pair, the smallest threshold over its cell pairs: ``[..., nC, nC]`` to
         ``[..., nQ, nK]``. Text blocks get ``-inf`` (always kept)."""
-        bq, bk = block_size
-        out = torch.full(
-            (*thresholds.shape[:-2], layout.num_blocks(bq), layout.num_blocks(bk)), float("-inf"),
-            dtype=thresholds.dtype,
-        )
-        rows = self._block_cell_ranges(layout, bq)
-        cols = self._block_cell_ranges(layout, bk)
-        pooled = _range_min(_range_min(thresholds, *rows, dim=-2), *cols, dim=-1)
-        out[..., : pooled.shape[-2], : pooled.shape[-1]] = pooled
-        return out
+        return pool_runs(thresholds, self.of_token, layout, block_size)
 
-    def _block_cell_ranges(self, layout: TokenLayout, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """First and last cell of each video block (blocks that hold no text)."""
-        starts = torch.arange(layout.num_video_blocks(block)) * block
-        ends = torch.clamp(starts + block, max=layout.video_len) - 1
-        return self.of_token[starts], self.of_token[ends]
+
+def pool_runs(
+    thresholds: torch.Tensor, of_token: torch.Tensor, layout: TokenLayout, block_size: tuple[int, int]
+) -> torch.Tensor:
+    """Per block pair, the smallest threshold over the runs it covers.
+
+    Args:
+        thresholds: ``[..., nR, nR]`` per pair of runs (query run, key run).
+        of_token: ``[video_len]`` the run of each video token of the order (non-decreasing: runs are
+            contiguous in the order, as cells are in the tile order).
+
+    Returns ``[..., nQ, nK]``; text blocks get ``-inf`` (always kept).
+
+    Example::
+
+        >>> runs = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2])               # 8 video tokens in 3 runs
+        >>> pool_runs(torch.arange(9.0).view(3, 3), runs, TokenLayout((1, 2, 4)), (4, 4))
+        tensor([[0., 1.],
+                [3., 4.]])
+    """
+    bq, bk = block_size
+    out = torch.full(
+        (*thresholds.shape[:-2], layout.num_blocks(bq), layout.num_blocks(bk)), float("-inf"), dtype=thresholds.dtype,
+    )
+    rows = _block_run_ranges(of_token, layout, bq)
+    cols = _block_run_ranges(of_token, layout, bk)
+    pooled = _range_min(_range_min(thresholds, *rows, dim=-2), *cols, dim=-1)
+    out[..., : pooled.shape[-2], : pooled.shape[-1]] = pooled
+    return out
+
+
+def _block_run_ranges(of_token: torch.Tensor, layout: TokenLayout, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last run of each video block (blocks that hold no text)."""
+    starts = torch.arange(layout.num_video_blocks(block)) * block
+    ends = torch.clamp(starts + block, max=layout.video_len) - 1
+    return of_token[starts], of_token[ends]
 
 
 def _range_min(values: torch.Tensor, first: torch.Tensor, last: torch.Tensor, dim: int) -> torch.Tensor:

@@ -10,6 +10,10 @@ can act as an attention sink that every query keeps. With a large window, frames
 query are dense, as in the paper.
 
 Distances between tiles are measured between their positions on the tile grid, in tokens.
+
+:func:`radial_band_thresholds` states the paper's own form over the raster order instead: a 1-D band
+of within-frame positions per frame pair, its half-width halving each time the frame distance
+doubles, never narrower than one key block but then thinned to every ``2**j``-th frame pair.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from ..budget import Budget
 from ..layout import TileShape, TokenLayout
 from ..scoring import BestPerHead
-from .cells import CellGrid
+from .cells import CellGrid, pool_runs
 from .window import solve_window
 
 
@@ -70,8 +74,8 @@ def radial_block_mask(
 
         >>> layout = TokenLayout((16, 16, 16))
         >>> mask = radial_block_mask(layout, (1, 8, 8), (64, 64), Budget(density=0.2))
-        >>> mask.shape, round(mask.float().mean().item(), 3)      # the largest window within 0.2
-        (torch.Size([64, 64]), 0.169)
+        >>> mask.shape, round(mask.float().mean().item(), 3)      # 13 of 64 key blocks per row on average
+        (torch.Size([64, 64]), 0.203)
     """
     return solve_window(radial_thresholds(layout, tile, block_size, sink), budget, layout, block_size, mass)
 
@@ -84,6 +88,52 @@ def fit_radial(
     best = BestPerHead(budget, layout, block_size)
     for sink in (True, False) if layout.grid[0] > 1 else (False,):
         thresholds = radial_thresholds(layout, tile, block_size, sink).to(mass.device)
+        best.offer(solve_window(thresholds, budget, layout, block_size, mass), mass)
+    return best
+
+
+def radial_band_thresholds(layout: TokenLayout, block_size: tuple[int, int], sink: bool = True) -> torch.Tensor:
+    """``[nQ, nK]`` over the raster order (:meth:`TokenLayout.identity_order`): the smallest band
+    half-width ``w`` (tokens, at frame distance ``d <= 1``) at which each block pair enters the mask.
+
+    For query frame ``i`` and key frame ``j`` at ``d = |i - j|`` the band's half-width is
+    ``w * 2 / 2**bit_length(max(d, 1))`` (the paper's decay: ``d`` of 0 or 1 full width, 2-3 half,
+    4-7 a quarter, ...). A token pair whose within-frame positions ``r, c`` lie ``|c - r| > m`` apart
+    (``m``: the key block size) is kept when the band reaches it; a nearer pair once the band is at
+    least ``m / 2**v`` wide, ``2**v`` being the largest power of two dividing ``d`` (the band never
+    narrows below ``m``: once it would be ``2**j`` times narrower, only every ``2**j``-th frame pair
+    keeps it). The same frame keeps its positions within ``m`` at any width. ``sink``: every query
+    keeps frame 0. With ``w`` at least the frame's length, frames within +-1 are dense, as in the paper.
+
+    Example::
+
+        >>> t = radial_band_thresholds(TokenLayout((5, 4, 8)), (32, 32), sink=False)   # a block is a frame
+        >>> t[0].tolist()                        # key frames 0..4 seen from frame 0: 4 is thinned less than 3
+        [0.0, 32.0, 32.0, 64.0, 32.0]
+    """
+    frame_len = layout.grid[1] * layout.grid[2]
+    bq, bk = block_size
+    pos = torch.arange(layout.video_len)
+    starts_run = (pos % bq == 0) | (pos % bk == 0) | (pos % frame_len == 0)
+    of_token = torch.cumsum(starts_run.long(), 0) - 1
+    starts = pos[starts_run]
+    ends = torch.cat([starts[1:], torch.tensor([layout.video_len])]) - 1
+    frame, first, last = starts // frame_len, starts % frame_len, ends % frame_len
+    d = (frame[:, None] - frame[None, :]).abs()
+    gap = torch.maximum(first[None, :] - last[:, None], first[:, None] - last[None, :]).clamp(min=0).double()
+    divides = torch.where(d > 0, (d & -d).double(), math.inf)
+    width = torch.where(gap > bk, gap, bk / divides)
+    thresholds = width * 2.0 ** (_bit_length(d.clamp(min=1)) - 1).double()
+    if sink:
+        thresholds[:, frame == 0] = 0.0
+    return pool_runs(thresholds, of_token, layout, block_size)
+
+
+def fit_radial_band(mass: torch.Tensor, layout: TokenLayout, block_size: tuple[int, int], budget: Budget) -> BestPerHead:
+    """As :func:`fit_radial` for the raster band (``mass`` measured over the raster order)."""
+    best = BestPerHead(budget, layout, block_size)
+    for sink in (True, False) if layout.grid[0] > 1 else (False,):
+        thresholds = radial_band_thresholds(layout, block_size, sink).to(mass.device)
         best.offer(solve_window(thresholds, budget, layout, block_size, mass), mass)
     return best
 

@@ -13,6 +13,10 @@ the window, ``dt`` being frames and ``ds`` the tokens between the two tiles' gri
   in raster order these are Sparse-vDiT's frame-strided multi-diagonals).
 
 ``sink_blocks`` adds a vertical stripe: key blocks every query keeps.
+
+:func:`band_thresholds` is SVG1's own form: a 1-D band of tokens in a token order, in the raster
+order its spatial head (the same and nearby frames), in the position-major order
+(:meth:`TokenLayout.position_order`) its temporal head (the same and nearby positions in every frame).
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ def spatiotemporal_block_mask(
     Example::
 
         >>> layout = TokenLayout((8, 16, 16))
-        >>> mask = spatiotemporal_block_mask(layout, (1, 8, 8), (64, 64), Budget(density=0.125), frame_cost=0.0)
+        >>> mask = spatiotemporal_block_mask(layout, (1, 8, 8), (64, 64), Budget(density=0.25), frame_cost=0.0)
         >>> mask.sum(-1).unique().tolist()        # the same tile in each of the 8 frames, nothing else
         [8]
     """
@@ -81,18 +85,51 @@ def fit_spatiotemporal(
     heaviest key blocks: a quarter of a count budget's blocks, 1/32 of the keys with ``top_p``)
     that serve ``budget`` best on the measured ``mass`` (``[B, H, nQ, nK]``), as SVG1 profiles
     its heads."""
-    n_k = layout.num_video_blocks(block_size[1])
-    if budget.is_mass:
-        sink_count = max(1, n_k // 32)
-    else:
-        sink_count = max(1, budget.blocks_per_row(layout.seq_len, max(n_k, 1), block_size[1]) // 4)
-    sinks = sink_key_blocks(mass, layout, block_size, sink_count)
+    sinks = sink_key_blocks(mass, layout, block_size, _stripe_count(layout, block_size, budget))
     best = BestPerHead(budget, layout, block_size)
     for frame_cost in FRAME_COSTS if layout.grid[0] > 1 else (math.inf,):
         thresholds = spatiotemporal_thresholds(layout, tile, block_size, frame_cost).to(mass.device)
         for sink_blocks in (None, sinks):
             best.offer(solve_window(_with_sinks(thresholds, sink_blocks), budget, layout, block_size, mass), mass)
     return best
+
+
+def band_thresholds(layout: TokenLayout, block_size: tuple[int, int]) -> torch.Tensor:
+    """``[nQ, nK]`` tokens between the two blocks' position ranges in their (any) order: the smallest
+    band half-width that keeps the pair (text blocks ``-inf``).
+
+    Example::
+
+        >>> band_thresholds(TokenLayout((1, 4, 8)), (8, 16))[0].tolist()
+        [0.0, 9.0]
+    """
+    bq, bk = block_size
+    n_q, n_k = layout.num_video_blocks(bq), layout.num_video_blocks(bk)
+    q_first = torch.arange(n_q) * bq
+    k_first = torch.arange(n_k) * bk
+    q_last, k_last = (torch.clamp(f + b, max=layout.video_len) - 1 for f, b in ((q_first, bq), (k_first, bk)))
+    gap = torch.maximum(k_first[None, :] - q_last[:, None], q_first[:, None] - k_last[None, :]).clamp(min=0)
+    out = torch.full((layout.num_blocks(bq), layout.num_blocks(bk)), float("-inf"), dtype=torch.float64)
+    out[:n_q, :n_k] = gap.double()
+    return out
+
+
+def fit_band(mass: torch.Tensor, layout: TokenLayout, block_size: tuple[int, int], budget: Budget) -> BestPerHead:
+    """Per head, the 1-D band over ``mass``'s order (``[B, H, nQ, nK]``, measured over the raster or
+    the position-major order) with or without a vertical stripe, as :func:`fit_spatiotemporal`."""
+    best = BestPerHead(budget, layout, block_size)
+    thresholds = band_thresholds(layout, block_size).to(mass.device)
+    for sink_blocks in (None, sink_key_blocks(mass, layout, block_size, _stripe_count(layout, block_size, budget))):
+        best.offer(solve_window(_with_sinks(thresholds, sink_blocks), budget, layout, block_size, mass), mass)
+    return best
+
+
+def _stripe_count(layout: TokenLayout, block_size: tuple[int, int], budget: Budget) -> int:
+    """Key blocks of a vertical stripe: a quarter of a count budget's blocks, 1/32 with ``top_p``."""
+    n_k = layout.num_video_blocks(block_size[1])
+    if budget.is_mass:
+        return max(1, n_k // 32)
+    return max(1, budget.blocks_per_row(layout.seq_len, max(n_k, 1), block_size[1]) // 4)
 
 
 def _with_sinks(thresholds: torch.Tensor, sink_blocks: torch.Tensor | None) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Solving a static family's window for a budget.
 
 A static family gives every block pair a threshold: the smallest window at which the pair is kept
-(``-inf`` for blocks always kept, ``inf`` for never). Growing the window only adds blocks, so a
-budget picks one window per head.
+(``-inf`` for blocks always kept, ``inf`` for never). Growing the window only adds blocks. A count
+budget keeps the block pairs with the smallest thresholds up to its count (so it is spent: the
+pairs at the last window kept are taken heaviest first when the measured mass is given); ``top_p``
+picks one window per head.
 """
 
 from __future__ import annotations
@@ -25,17 +27,22 @@ def solve_window(
 
     Args:
         thresholds: ``[..., nQ, nK]`` per block pair, the smallest window that keeps it.
-        budget: a count budget (density, ``alpha * n**C``) takes the largest window whose video
-            density stays within it (the smallest window when even that one exceeds it); ``top_p``
-            takes, per head, the smallest window whose measured recall reaches ``top_p``.
+        budget: a count budget (density, ``alpha * n**C``) keeps its count of video block pairs
+            with the smallest thresholds, ties broken by the measured mass (heaviest first) or else
+            by position (never a pair of threshold ``inf``; every pair of ``-inf``, even beyond the
+            count); ``top_p`` takes, per head, the smallest window whose measured recall reaches
+            ``top_p``.
         mass: ``[B, H, nQ, nK]`` measured block mass (needed for ``top_p``).
 
     Example::
 
         >>> layout = TokenLayout((1, 8, 8))
         >>> band = (torch.arange(4)[:, None] - torch.arange(4)[None, :]).abs().double()
-        >>> solve_window(band, Budget(density=0.7), layout, (16, 16)).sum().item()   # |i - j| <= 1
-        10
+        >>> solve_window(band, Budget(density=0.7), layout, (16, 16)).int()   # 12 pairs: |i - j| <= 1, two more
+        tensor([[1, 1, 1, 0],
+                [1, 1, 1, 1],
+                [0, 1, 1, 1],
+                [0, 0, 1, 1]], dtype=torch.int32)
     """
     n_q, n_k = layout.num_video_blocks(block_size[0]), layout.num_video_blocks(block_size[1])
     video = thresholds[..., :n_q, :n_k]
@@ -45,22 +52,41 @@ def solve_window(
         if mass is None:
             raise ValueError("a top_p budget on a static family needs the measured block mass (mass=...)")
         window = _window_reaching_recall(video.expand(*mass.shape[:-2], n_q, n_k), mass, budget.top_p, layout, block_size[0])
+        return thresholds <= window[..., None, None]
+    keep = budget.blocks_per_row(layout.seq_len, max(n_k, 1), block_size[1]) * n_q
+    tie_break = None if mass is None else mass[..., :n_q, :n_k]
+    chosen = _smallest_thresholds(video, keep, tie_break)
+    mask = (thresholds == float("-inf")).expand(*chosen.shape[:-2], *thresholds.shape[-2:]).clone()
+    mask[..., :n_q, :n_k] = chosen
+    return mask
+
+
+def _smallest_thresholds(thresholds: torch.Tensor, keep: int, mass: torch.Tensor | None) -> torch.Tensor:
+    """Boolean ``[..., nQ, nK]``: every ``-inf`` entry, each row's best entry, then the best others
+    up to ``keep`` entries in all (never an ``inf``). Best: the smallest threshold, ties broken by
+    the largest ``mass``, else by the distance from the block diagonal."""
+    n_q, n_k = thresholds.shape[-2:]
+    if mass is not None:
+        thresholds, tie = thresholds.expand_as(mass), -mass
     else:
-        keep = budget.blocks_per_row(layout.seq_len, max(n_k, 1), block_size[1]) * n_q
-        window = _largest_window_within(video.flatten(-2), keep)
-    return thresholds <= window[..., None, None]
+        diagonal = torch.arange(n_q, device=thresholds.device)[:, None] * (n_k / n_q)
+        tie = (diagonal - torch.arange(n_k, device=thresholds.device)[None, :]).abs().expand_as(thresholds)
+    row_best = torch.zeros_like(thresholds, dtype=torch.bool).scatter_(-1, _lexsort(thresholds, tie)[..., :1], True)
+    tier = torch.where(thresholds == float("-inf"), 0, torch.where(row_best, 1, 2))
+    flat = [x.flatten(-2) for x in (tier, thresholds, tie)]
+    order = _lexsort(*flat)
+    ranked_tier, ranked = flat[0].gather(-1, order), flat[1].gather(-1, order)
+    rank = torch.arange(ranked.shape[-1], device=ranked.device)
+    take = ((rank < keep) & (ranked < float("inf"))) | (ranked_tier == 0)
+    return torch.zeros_like(take).scatter_(-1, order, take).unflatten(-1, (n_q, n_k))
 
 
-def _largest_window_within(thresholds: torch.Tensor, keep: int) -> torch.Tensor:
-    """Per row of ``[..., n]``, the largest finite threshold that at most ``keep`` entries reach."""
-    values = thresholds.sort(-1).values
-    largest = _largest_finite(values)
-    if keep >= values.shape[-1]:
-        return largest
-    first_out = values[..., keep : keep + 1].contiguous()
-    below = torch.searchsorted(values.contiguous(), first_out).squeeze(-1) - 1
-    window = values.gather(-1, below.clamp(min=0)[..., None]).squeeze(-1)
-    return torch.minimum(torch.where(below >= 0, window, values[..., 0]), largest)
+def _lexsort(*keys: torch.Tensor) -> torch.Tensor:
+    """Indices sorting the last dimension by ``keys[0]``, ties by ``keys[1]``, and so on."""
+    order = keys[-1].argsort(dim=-1, stable=True)
+    for key in reversed(keys[:-1]):
+        order = order.gather(-1, key.gather(-1, order).argsort(dim=-1, stable=True))
+    return order
 
 
 def _window_reaching_recall(

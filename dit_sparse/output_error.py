@@ -1,0 +1,172 @@
+"""Estimated output error of candidate block masks: exact dense and sparse attention outputs on a
+sample of query rows.
+
+For each sampled query row the exact softmax numerator and denominator are split by key block
+(``numer[r, c] = sum_{j in c} exp(s_rj - m_r) v_j``, ``denom[r, c]`` likewise without ``v``), so the
+output of any block mask is ``sum_c m_c numer[r, c] / sum_c m_c denom[r, c]``: one measurement per
+key order serves every candidate mask over that order. Memory is ``O(rows x S)`` per head; never an
+``S x S`` matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .layout import TokenLayout
+
+__all__ = ["Candidate", "RowSample", "estimate_errors", "sample_rows"]
+
+
+def sample_rows(layout: TokenLayout, count: int, seed: int = 0, within: int | None = None) -> torch.Tensor:
+    """``[R]`` original positions of ``count`` video query rows, one drawn at random from each of
+    ``count`` equal strata of the video, or of its first ``within`` tokens (every such row when
+    there are no more than ``count``).
+
+    Example::
+
+        >>> sample_rows(TokenLayout((2, 4, 4), text_len=8, text_first=True), 4, seed=0).tolist()
+        [15, 21, 27, 39]
+    """
+    n = layout.video_len if within is None else min(within, layout.video_len)
+    if count >= n:
+        return torch.arange(n) + layout.video_offset
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.arange(count, dtype=torch.float64) * n / count
+    picks = (starts + torch.rand(count, generator=g, dtype=torch.float64) * (n / count)).long().clamp(max=n - 1)
+    return picks + layout.video_offset
+
+
+@dataclass
+class RowSample:
+    """What the error estimate needs from one attention call: the sampled query rows and the
+    call's keys and values (references, no copies).
+
+    Attributes:
+        rows: ``[R]`` original positions of the sampled queries.
+        q_rows: ``[B, R, H, D]`` those queries.
+        k, v: ``(B, S, H, D)`` the call's keys and values.
+        layout: the call's token layout (its text padding is excluded from the keys).
+    """
+
+    rows: torch.Tensor
+    q_rows: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    layout: TokenLayout
+
+    @classmethod
+    def of(
+        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, count: int, seed: int,
+        within: int | None = None,
+    ) -> RowSample:
+        """Sample ``count`` query rows of the ``(B, S, H, D)`` call (see :func:`sample_rows`)."""
+        if v.shape[:3] != k.shape[:3]:
+            raise ValueError(f"v must be (B, S, H, D) with k's B, S and H, got {tuple(v.shape)} and {tuple(k.shape)}")
+        rows = sample_rows(layout, count, seed, within).to(q.device)
+        return cls(rows, q[:, rows], k, v, layout)
+
+
+@dataclass
+class Candidate:
+    """A block mask ``[B|1, H, nQ, nK]`` over the token orders named ``orders`` (a key of the
+    ``orders`` mapping given to :func:`estimate_errors`), and the family that made it."""
+
+    mask: torch.Tensor
+    orders: str
+    family: str = ""
+
+
+def estimate_errors(
+    sample: RowSample,
+    block_size: tuple[int, int],
+    orders: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    candidates: list[Candidate],
+    plan_batch: int,
+) -> torch.Tensor:
+    """``[C, plan_batch, H]`` relative output error ``||sparse - dense|| / ||dense||`` of each
+    candidate on the sampled rows, per head. Text blocks are attended as in a plan (every text key
+    block, and everything from a text query block).
+
+    Args:
+        sample: the sampled rows and the call's keys and values.
+        block_size: ``(query, key)`` block sizes of the masks.
+        orders: named ``(q_order, kv_order)`` pairs, each ``[S]``, ``[H, S]`` or ``[B|1, H, S]``.
+        candidates: the masks to score.
+        plan_batch: 1 when the masks are shared by the batch (errors pool every element's rows),
+            else the batch size.
+
+    Example::
+
+        >>> layout = TokenLayout((2, 8, 8))
+        >>> q, k, v = (torch.randn(1, 128, 2, 16) for _ in range(3))
+        >>> sample = RowSample.of(q, k, v, layout, count=16, seed=0)
+        >>> order = torch.arange(128)
+        >>> full, diagonal = torch.ones(1, 2, 4, 4, dtype=torch.bool), torch.eye(4, dtype=torch.bool).expand(1, 2, 4, 4)
+        >>> errors = estimate_errors(sample, (32, 32), {"raster": (order, order)}, [Candidate(full, "raster"), Candidate(diagonal, "raster")], 1)
+        >>> errors[0].abs().max().item() < 1e-6, bool((errors[1] > 0.1).all())
+        (True, True)
+    """
+    layout, k, v = sample.layout, sample.k, sample.v
+    batch, seq, heads, dim = k.shape
+    bq, bk = block_size
+    n_k = layout.num_blocks(bk)
+    n_video_q = layout.num_video_blocks(bq)
+    text_key = torch.arange(n_k, device=k.device) >= layout.num_video_blocks(bk)
+    scale = dim**-0.5
+    key_bias = _padding_bias(layout, batch, k.device)
+    sq_err = torch.zeros(len(candidates), batch, heads, device=k.device, dtype=torch.float64)
+    sq_ref = torch.zeros(batch, heads, device=k.device, dtype=torch.float64)
+    reference_pending = True
+    for name, (q_order, kv_order) in orders.items():
+        members = [i for i, c in enumerate(candidates) if c.orders == name]
+        if not members:
+            continue
+        q_order, kv_order = (_per_head(o, batch, heads) for o in (q_order, kv_order))
+        for b in range(batch):
+            for h in range(heads):
+                keys = kv_order[b, h]
+                scores = (sample.q_rows[b, :, h].float() * scale) @ k[b, keys, h].float().T
+                scores = _pad_keys(scores + key_bias[b, keys], n_k * bk, float("-inf"))
+                weights = (scores - scores.amax(-1, keepdim=True)).exp().view(-1, n_k, bk)
+                values = _pad_keys(v[b, keys, h].float().T, n_k * bk, 0.0).T.reshape(n_k, bk, dim)
+                numer = torch.einsum("rcj,cjd->rcd", weights, values)                    # [R, nK, D]
+                denom = weights.sum(-1)                                                  # [R, nK]
+                dense = numer.sum(1) / denom.sum(1, keepdim=True)
+                if reference_pending:
+                    sq_ref[b, h] = dense.double().pow(2).sum()
+                q_block = TokenLayout.inverse(q_order[b, h])[sample.rows] // bq
+                text_row = (q_block >= n_video_q)[:, None]
+                for i in members:
+                    mask = candidates[i].mask
+                    row_mask = mask[min(b, mask.shape[0] - 1), h, q_block] | text_key | text_row   # [R, nK]
+                    row_mask = row_mask.float()
+                    kept = (row_mask * denom).sum(-1, keepdim=True)
+                    out = torch.where(kept > 0, torch.einsum("rc,rcd->rd", row_mask, numer) / kept.clamp(min=1e-30), 0.0)
+                    sq_err[i, b, h] = (out - dense).double().pow(2).sum()
+        reference_pending = False
+    if plan_batch == 1:
+        sq_err, sq_ref = sq_err.sum(1, keepdim=True), sq_ref.sum(0, keepdim=True)
+    return (sq_err / sq_ref.clamp(min=1e-30)).sqrt().float()
+
+
+def _per_head(order: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    while order.dim() < 3:
+        order = order.unsqueeze(0)
+    return order.expand(batch, heads, -1)
+
+
+def _padding_bias(layout: TokenLayout, batch: int, device: torch.device) -> torch.Tensor:
+    """``[B, S]``: 0 for real keys, ``-inf`` for text padding (in the original order)."""
+    bias = torch.zeros(batch, layout.seq_len, device=device)
+    if layout.valid_text_len is not None:
+        valid = torch.tensor(layout.valid_text_len, device=device).expand(batch)
+        position = torch.arange(layout.seq_len, device=device) - layout.text_offset
+        in_text = (position >= 0) & (position < layout.text_len)
+        bias.masked_fill_(in_text[None] & (position[None] >= valid[:, None]), float("-inf"))
+    return bias
+
+
+def _pad_keys(x: torch.Tensor, length: int, value: float) -> torch.Tensor:
+    return x if x.shape[-1] == length else torch.nn.functional.pad(x, (0, length - x.shape[-1]), value=value)
