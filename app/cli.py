@@ -1,6 +1,6 @@
 """dit-sparse-demo: the Gradio demo, dense and block-sparse video side by side.
 
-    dit-sparse-demo                                         # offline random Wan model, http://127.0.0.1:7860
+    dit-sparse-demo                                         # the shipped reference model, http://127.0.0.1:7860
     python -m dit_sparse.app --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --host 0.0.0.0 --port 8080
 
 See docs/app.md.
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dit-sparse-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None,
-                        help="diffusers model id or local directory (default: the offline random Wan model)")
+                        help="diffusers model id or local directory (default: the shipped reference model)")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help=f"address to serve on (default: {DEFAULT_HOST}, this machine only; 0.0.0.0 for every "
                              "interface)")

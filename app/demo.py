@@ -25,10 +25,13 @@ from tqdm.auto import tqdm
 
 from dit_sparse import SparseAttentionConfig, SparsePipeline
 from dit_sparse.eval.attention_timer import AttentionTimer
-from dit_sparse.eval.configs import config_label, default_sparse_config
+from dit_sparse.eval.cli import MODEL_PROMPTS
+from dit_sparse.eval.configs import config_label
 from dit_sparse.eval.metrics import Fidelity, compare_videos
 from dit_sparse.eval.models import EvalModel, GenerationSettings, output_frames
 from dit_sparse.eval.plots import density_figure
+from dit_sparse.eval.reference.detector import Reading, detect
+from dit_sparse.eval.reference.scoring import agreement
 from dit_sparse.eval.runner import plan_block_masks, timed_call, warmup_settings
 from dit_sparse.eval.settings import MAX_SEED
 from dit_sparse.eval.sparse_stats import SparseRunSummary, summarize_sparse_run
@@ -39,7 +42,15 @@ from dit_sparse.pipelines.components import denoisers
 from .dense_cache import DenseCache, DenseKey, DenseRun
 from .plan_masks import PlanMasks
 
-DEFAULT_PROMPT = "A red fox trots through fresh snow at dawn, its breath steaming in the cold air."
+def offered_prompts(model: EvalModel) -> list[str]:
+    """The prompts the page offers in its menu: for the reference model, held-out examples and every
+    combination of its words (:func:`~dit_sparse.eval.reference.prompt_choices`); for any other
+    model, the eval's prompt for loaded models."""
+    if not model.reads_clips:
+        return MODEL_PROMPTS
+    from dit_sparse.eval.reference import prompt_choices
+
+    return prompt_choices()
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,15 @@ class DemoRequest:
 
 
 @dataclass(frozen=True)
+class DetectorReadings:
+    """The clip detector's readings of one dense and sparse pair, and their agreement."""
+
+    dense: Reading
+    sparse: Reading
+    agreement: float
+
+
+@dataclass(frozen=True)
 class DemoResult:
     """What one "Generate" shows.
 
@@ -78,6 +98,8 @@ class DemoResult:
         summary: density per layer and step, FLOPs saved, dense steps, calibration time.
         density_figure: the density per layer and step.
         masks: the plans' block masks, drawn per layer and head on demand.
+        readings: what the clip detector reads from the dense and the sparse video (the reference
+            model only), and the share of its readings that agree.
     """
 
     settings: GenerationSettings
@@ -91,6 +113,7 @@ class DemoResult:
     summary: SparseRunSummary
     density_figure: Figure
     masks: PlanMasks
+    readings: DetectorReadings | None = None
 
     @property
     def speedup(self) -> float:
@@ -113,7 +136,7 @@ class DemoSession:
             adapter_for(transformer)  # an unsupported model fails here, not after its first dense run
         self.model = model
         self.fps = fps
-        self.base_config = default_sparse_config(None if model.offline_spec else model.name)
+        self.base_config = SparseAttentionConfig()
         self.defaults = model.resolve(GenerationSettings())
         self._dense_runs = DenseCache(dense_cache_size)
         self._timer = AttentionTimer(model.pipe)
@@ -170,6 +193,7 @@ class DemoSession:
                 sparse_frames, sparse_seconds, summary, masks = self._sparse(request.prompt, settings, config)
                 phases.update()
             fidelity = compare_videos(dense.frames, sparse_frames, with_lpips=False)
+            readings = _readings(dense.frames, sparse_frames) if self.model.reads_clips else None
             sparse_video = write_video(sparse_frames, self._new_video_path("sparse"), self.fps)
             if self._last_sparse_video is not None:
                 self._last_sparse_video.unlink(missing_ok=True)
@@ -178,18 +202,24 @@ class DemoSession:
             settings=settings, config=config, dense_video=dense.video, sparse_video=sparse_video,
             dense_seconds=dense.wall_seconds, sparse_seconds=sparse_seconds, dense_from_cache=from_cache,
             fidelity=fidelity, summary=summary, density_figure=density_figure(summary.density, config_label(config)),
-            masks=masks,
+            masks=masks, readings=readings,
         )
+
+    @property
+    def prompts(self) -> list[str]:
+        """The prompts the page offers (see :func:`offered_prompts`)."""
+        return offered_prompts(self.model)
 
     def warm_up(self) -> None:
         """Pay the one-time costs (lazy initialisation, allocator growth, kernel selection) of the
         dense, calibration and sparse paths with short untimed calls at the default settings, so
         that the first request's timings are steady ones."""
         with self._lock:
-            self.model.pipe(**self.model.call_kwargs(DEFAULT_PROMPT, warmup_settings(self.defaults, None)))
+            prompt = self.prompts[0]
+            self.model.pipe(**self.model.call_kwargs(prompt, warmup_settings(self.defaults, None)))
             pipeline = SparsePipeline(self.model.pipe, self.base_config)
             try:
-                pipeline(**self.model.call_kwargs(DEFAULT_PROMPT, warmup_settings(self.defaults, self.base_config)))
+                pipeline(**self.model.call_kwargs(prompt, warmup_settings(self.defaults, self.base_config)))
             finally:
                 pipeline.remove()
 
@@ -224,6 +254,10 @@ class DemoSession:
 
     def _new_video_path(self, kind: str) -> Path:
         return self._video_dir / f"{kind}-{next(self._video_numbers)}.mp4"
+
+
+def _readings(dense: np.ndarray, sparse: np.ndarray) -> DetectorReadings:
+    return DetectorReadings(detect(dense), detect(sparse), agreement([dense], [sparse])["all"])
 
 
 def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> None:

@@ -20,9 +20,10 @@ import gradio as gr
 from matplotlib.figure import Figure
 
 from dit_sparse.config import PATTERNS
+from dit_sparse.eval.reference.detector import Reading
 from dit_sparse.eval.results import RANDOM_WEIGHTS_NOTE
 
-from .demo import DEFAULT_PROMPT, DemoRequest, DemoResult, DemoSession
+from .demo import DemoRequest, DemoResult, DemoSession
 from .plan_masks import PlanMasks
 
 logger = logging.getLogger(__name__)
@@ -44,9 +45,7 @@ def build_demo(session: DemoSession) -> gr.Blocks:
         masks_state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
-                prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", lines=3,
-                                    info="The offline model has no text encoder: the text seeds a fixed embedding."
-                                    if model.offline_spec else None)
+                prompt = _prompt_input(session)
                 with gr.Row():
                     seed = gr.Number(defaults.seed, label="Seed", precision=0, minimum=0)
                     steps = gr.Slider(1, max(50, 2 * defaults.steps), value=defaults.steps, step=1, label="Steps")
@@ -138,6 +137,19 @@ def _mask_picture(masks: PlanMasks | None, layer: str | None, head: str | None) 
         raise gr.Error(str(error), title="Invalid input", print_exception=False) from None
 
 
+def _prompt_input(session: DemoSession) -> gr.components.Component:
+    """A menu of the reference model's prompts that also takes free text; a text box for other models
+    (the random offline model has no text encoder: its text seeds a fixed embedding)."""
+    prompts = session.prompts
+    if session.model.reads_clips:
+        return gr.Dropdown(prompts, value=prompts[0], label="Prompt", allow_custom_value=True, filterable=True,
+                           info="Pick a combination the model was trained on or type your own; words it does not "
+                                "know are read as <unk>.")
+    info = "The offline model has no text encoder: the text seeds a fixed embedding." if session.model.offline_spec \
+        else None
+    return gr.Textbox(prompts[0], label="Prompt", lines=3, info=info)
+
+
 def _head_choices(masks: PlanMasks) -> list[tuple[str, str]]:
     if masks.default_layer is None:
         return []
@@ -168,7 +180,20 @@ def _details(result: DemoResult) -> str:
         f"calls {density}, {summary.flops_saved_fraction:.0%} of the self-attention FLOPs saved, calibration "
         f"{summary.calibration_seconds:.2f} s. PSNR over the whole video: {_decibels(result.fidelity.psnr_global)}. "
         "Fidelity is measured on the pipeline's raw frames, not the mp4s."
-    )
+    ) + _readings_line(result)
+
+
+def _readings_line(result: DemoResult) -> str:
+    readings = result.readings
+    if readings is None:
+        return ""
+    return (f"\n\nThe clip detector reads the dense video as *{_describe(readings.dense)}* and the sparse one as "
+            f"*{_describe(readings.sparse)}*: {readings.agreement:.0%} of its readings agree.")
+
+
+def _describe(reading: Reading) -> str:
+    objects = " and ".join(f"{colour} {shape} ({motion})" for colour, shape, motion in reading.objects)
+    return f"{objects or 'no object'} on {reading.background}"
 
 
 def _decibels(value: float) -> str:

@@ -1,7 +1,7 @@
 """dit-sparse-eval: run a model dense and with block-sparse attention on the same prompts and seeds,
 and report how much faster and how close the sparse result is.
 
-    python -m dit_sparse.eval --out eval-out                     # offline default: random Wan, CPU-sized
+    python -m dit_sparse.eval --out eval-out                     # the shipped reference model, CPU-sized
     dit-sparse-eval --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --prompts prompts.txt \\
         --patterns auto radial --densities 0.1 0.15 --dense-steps 0.25 --dense-layers 0 --frames 81 \\
         --vbench all --out wan-eval
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from dit_sparse.config import PATTERNS, SparseAttentionConfig
 
-from .configs import config_grid, config_label, default_sparse_config, load_config_file, parse_dense_steps
+from .configs import config_grid, config_label, load_config_file, parse_dense_steps
 from .preflight import check_before_loading
 from .settings import DTYPE_NAMES, MAX_SEED, GenerationSettings
 from .vbench_bridge import check_dimensions
@@ -30,7 +30,24 @@ if TYPE_CHECKING:
 # This module imports neither torch nor diffusers at import time: --help and argument errors return
 # at once, and the heavy modules load after the arguments have been checked.
 
-DEFAULT_PROMPTS = ["A red fox trots through fresh snow at dawn, its breath steaming in the cold air."]
+MODEL_PROMPTS = ["A red fox trots through fresh snow at dawn, its breath steaming in the cold air."]
+DEFAULT_HELDOUT = 2  # held-out prompts the reference model runs when no --prompts are given
+
+
+def default_prompts(model: str | None, heldout: int | None) -> list[str]:
+    """The prompts of a run without ``--prompts``: the reference model's first held-out prompts
+    (``heldout`` of them, default :data:`DEFAULT_HELDOUT`), or a generic prompt for ``--model``.
+
+    Example::
+
+        >>> default_prompts(None, 1)
+        ['a blue circle moving up on a black background']
+    """
+    if model is not None:
+        return MODEL_PROMPTS
+    from .reference import heldout_prompts
+
+    return [prompt for _, prompt in heldout_prompts(heldout or DEFAULT_HELDOUT)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,14 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_argument_group("model and prompts")
     what.add_argument("--model", default=None,
-                      help="diffusers model id or local directory (default: the offline random Wan model)")
+                      help="diffusers model id or local directory (default: the shipped reference model)")
     what.add_argument("--prompts", nargs="+", default=None, metavar="TEXT_OR_FILE",
                       help="prompts, or text files with one prompt per line (blank and # lines skipped)")
+    what.add_argument("--heldout", type=int, default=None, metavar="N",
+                      help=f"the reference model's first N held-out prompts (its measurement set; default "
+                           f"{DEFAULT_HELDOUT} when --prompts is left out)")
 
     sparse = parser.add_argument_group(
         "sparse configurations (a grid, or a file)",
-        f"Grid flags left out take the default configuration's value: ({config_label(default_sparse_config(None))}) "
-        f"for the offline model, the library defaults ({config_label(SparseAttentionConfig())}) with --model.",
+        f"Grid flags left out take the library defaults' value ({config_label(SparseAttentionConfig())}).",
     )
     sparse.add_argument("--configs", type=Path, default=None, metavar="FILE",
                         help="JSON or YAML list of SparseAttentionConfig dicts (replaces the grid flags)")
@@ -90,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 def request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> EvalRequest:
     """Validate the parsed flags (``parser.error`` on bad input) and build the request: everything
     that can be checked before a model loads is (see :mod:`~dit_sparse.eval.preflight`)."""
-    for name in ("steps", "frames", "height", "width", "threads", "repeats", "fps"):
+    for name in ("steps", "frames", "height", "width", "threads", "repeats", "fps", "heldout"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1, got {value}")
@@ -107,7 +126,9 @@ def request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
     settings = GenerationSettings(args.steps, args.frames, args.height, args.width, args.guidance_scale, args.seed)
     try:
         configs = load_config_file(args.configs) if args.configs is not None else _grid(args)
-        prompts = _read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
+        if args.heldout is not None and (args.prompts or args.model is not None):
+            raise ValueError("--heldout picks the reference model's prompts: leave out --prompts and --model")
+        prompts = _read_prompts(args.prompts) if args.prompts else default_prompts(args.model, args.heldout)
         check_dimensions(args.vbench)
         check_before_loading(args.model, settings, configs, args.out)
         from .models import pick_device, pick_dtype
@@ -116,7 +137,7 @@ def request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
     except (ValueError, RuntimeError) as error:
         parser.error(str(error))
     except OSError as error:
-        parser.error(f"cannot read {error.filename}: {error.strerror}")
+        parser.error(f"cannot read {error.filename}: {error.strerror}" if error.filename else str(error))
     from .evaluation import EvalRequest
 
     return EvalRequest(
@@ -149,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _grid(args: argparse.Namespace) -> list[SparseAttentionConfig]:
     """The grid from the flags, each flag left out taken from the default configuration."""
-    default = default_sparse_config(args.model)
+    default = SparseAttentionConfig()
     densities = args.densities if args.densities is not None else ([] if args.top_p else [default.density])
     dense_steps = [parse_dense_steps(text) for text in args.dense_steps] if args.dense_steps else [default.dense_steps]
     dense_layers = default.dense_layers if args.dense_layers is None else tuple(args.dense_layers)

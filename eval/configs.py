@@ -19,20 +19,6 @@ from typing import Any
 
 from dit_sparse import SparseAttentionConfig
 
-from .offline_model import OFFLINE_SPARSE_CONFIG
-
-
-def default_sparse_config(model: str | None) -> SparseAttentionConfig:
-    """The configuration a run starts from: the offline model's CPU-sized default (``model=None``),
-    else the library defaults.
-
-    Example::
-
-        >>> default_sparse_config(None).pattern, default_sparse_config("Wan-AI/Wan2.1-T2V-1.3B-Diffusers").pattern
-        ('adaptive', 'auto')
-    """
-    return OFFLINE_SPARSE_CONFIG if model is None else SparseAttentionConfig()
-
 
 def parse_dense_steps(text: str) -> int | float:
     """``"2"`` -> 2 steps, ``"0.25"`` -> a quarter of the run."""

@@ -1,4 +1,5 @@
-"""The model an evaluation runs: the offline default or any diffusers pipeline, and how to call it.
+"""The model an evaluation runs: the shipped reference model (the default), any diffusers pipeline, or
+the random offline Wan of the unit tests, and how to call it.
 
 Example::
 
@@ -34,8 +35,11 @@ class EvalModel:
         name: the model id, directory, or the offline model's name.
         random_weights: whether its weights are random (the offline default).
         offline_spec: the offline model's sizes (``None`` for a loaded model).
-        defaults: generation settings the model brings (the offline model's sizes; for a loaded
-            pipeline the defaults of its ``__call__``: steps, frames, height, width).
+        defaults: generation settings the model brings (the reference model's
+            :func:`~dit_sparse.eval.reference.reference_call_kwargs`, the offline model's sizes; for a
+            loaded pipeline the defaults of its ``__call__``: steps, frames, height, width).
+        reads_clips: whether the clip detector can read its videos (the reference model): the
+            evaluation then reports prompt adherence and sparse-vs-dense detector agreement.
     """
 
     pipe: Any
@@ -43,6 +47,7 @@ class EvalModel:
     random_weights: bool
     offline_spec: OfflineWanSpec | None = None
     defaults: GenerationSettings = field(default_factory=GenerationSettings)
+    reads_clips: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -150,11 +155,32 @@ def load_offline_model(spec: OfflineWanSpec, device: torch.device, dtype: torch.
     return EvalModel(pipe, OFFLINE_MODEL_NAME, random_weights=True, offline_spec=spec, defaults=defaults)
 
 
+def load_reference_model(device: torch.device, dtype: torch.dtype) -> EvalModel:
+    """The shipped reference model, loaded with the stock ``WanPipeline.from_pretrained``, with its
+    default generation settings.
+
+    Example::
+
+        >>> model = load_reference_model(torch.device("cpu"), torch.float32)
+        >>> model.defaults.frames, model.defaults.height, model.reads_clips
+        (29, 128, True)
+    """
+    from diffusers import WanPipeline
+
+    from .reference import REFERENCE_MODEL_NAME, reference_call_kwargs, reference_model_dir
+
+    pipe = WanPipeline.from_pretrained(reference_model_dir(), torch_dtype=dtype).to(device)
+    kwargs = reference_call_kwargs()
+    defaults = GenerationSettings(kwargs["num_inference_steps"], kwargs["num_frames"], kwargs["height"],
+                                  kwargs["width"], kwargs["guidance_scale"])
+    return EvalModel(pipe, REFERENCE_MODEL_NAME, random_weights=False, defaults=defaults, reads_clips=True)
+
+
 def load_model(model: str | None, device: torch.device, dtype: torch.dtype) -> EvalModel:
-    """The offline default (``model=None``) or a diffusers pipeline by model id or local directory,
+    """The reference model (``model=None``) or a diffusers pipeline by model id or local directory,
     on ``device`` in ``dtype``."""
     if model is None:
-        return load_offline_model(OfflineWanSpec(), device, dtype)
+        return load_reference_model(device, dtype)
 
     from diffusers import DiffusionPipeline
 
@@ -165,7 +191,7 @@ def load_model(model: str | None, device: torch.device, dtype: torch.dtype) -> E
         raise ValueError(
             f"could not load {model!r} ({where}) with DiffusionPipeline.from_pretrained: {error}. Give a diffusers "
             f"model id (downloaded or cached) or a directory written by save_pretrained, or leave --model out "
-            f"for the offline default"
+            f"for the reference model"
         ) from error
     pipe = pipe.to(device)
     parameters = inspect.signature(pipe.__call__).parameters

@@ -1,5 +1,6 @@
-"""The offline default model: a randomly initialised diffusers Wan 2.1 text-to-video pipeline,
-built in code, with fixed seeded prompt embeddings instead of a text encoder.
+"""The random offline model of the unit tests: a randomly initialised diffusers Wan 2.1
+text-to-video pipeline, built in code, with fixed seeded prompt embeddings instead of a text encoder.
+(The eval's and the demo's default is the trained reference model, :mod:`dit_sparse.eval.reference`.)
 
 It is sized so that self-attention dominates a CPU run: at the default 29 frames of 128x128 pixels
 the tiny VAE (4x spatial and temporal compression) gives an 8x32x32 latent, and with a 1x1x1 patch
@@ -26,20 +27,10 @@ import zlib
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from dit_sparse import SparseAttentionConfig
-
 if TYPE_CHECKING:
     import torch
 
 OFFLINE_MODEL_NAME = "offline-wan (random weights)"
-
-# The eval's default sparse configuration for this model. Random attention is close to uniform, so
-# "auto" would find no family worth its recall floor and keep every head dense: the data-driven
-# "adaptive" pattern is used instead. Two of the 16 default steps stay dense and no layer does, and
-# each query block keeps 5 % of the key blocks (384 of 8,192 keys), so that dense steps, calibration
-# and the non-attention work (Amdahl: with 1/8 of the steps dense the ceiling is 8x) leave a clear
-# end-to-end speedup on a CPU.
-OFFLINE_SPARSE_CONFIG = SparseAttentionConfig(pattern="adaptive", density=0.05, dense_steps=0.125, dense_layers=())
 
 
 @dataclass(frozen=True)

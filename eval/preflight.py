@@ -2,8 +2,8 @@
 load: the output folder, the video size against the model's rules, and that every configuration
 leaves at least one step sparse.
 
-The model's rules and default step count come from the offline model's spec, or from a local
-pipeline folder's config files (nothing loaded); a hub model id is checked the same way once it has
+The model's rules and default step count come from a local pipeline folder's config files (the
+shipped reference model's too) (nothing loaded); a hub model id is checked the same way once it has
 loaded (:meth:`~dit_sparse.eval.models.EvalModel.check_video_size` and :func:`check_sparse_steps`).
 
 Example::
@@ -24,7 +24,6 @@ from pathlib import Path
 from dit_sparse import SparseAttentionConfig
 
 from .configs import config_label
-from .offline_model import OFFLINE_MODEL_NAME, OfflineWanSpec
 from .settings import GenerationSettings
 from .video_size import VideoSize, read_json_config
 
@@ -32,7 +31,7 @@ from .video_size import VideoSize, read_json_config
 def check_before_loading(
     model: str | None, settings: GenerationSettings, configs: list[SparseAttentionConfig], out: Path
 ) -> None:
-    """Every check that needs no loaded model: ``out`` can be a folder, and for the offline model
+    """Every check that needs no loaded model: ``out`` can be a folder, and for the reference model
     (``model=None``) or a local pipeline folder, the video size and the sparse steps (with the
     model's default step count where ``settings`` leaves it out). A ``ValueError`` names the problem
     and the fix."""
@@ -87,9 +86,9 @@ def check_sparse_steps(configs: list[SparseAttentionConfig], steps: int) -> None
 
 
 def model_facts(model: str | None) -> tuple[VideoSize | None, int | None]:
-    """The video-size rules and default step count known before loading ``model``: from the offline
-    spec (``None``), from a local pipeline folder's config files and its pipeline class's defaults,
-    else ``(None, None)`` (a hub id: checked after loading).
+    """The video-size rules and default step count known before loading ``model``: from a local
+    pipeline folder's config files and its pipeline class's defaults (``None``: the reference model's
+    folder and its default steps), else ``(None, None)`` (a hub id: checked after loading).
 
     Example::
 
@@ -98,10 +97,10 @@ def model_facts(model: str | None) -> tuple[VideoSize | None, int | None]:
         (4, (16, 16), 16)
     """
     if model is None:
-        spec = OfflineWanSpec()
-        size = VideoSize.from_parts(OFFLINE_MODEL_NAME, "WanPipeline", spec.vae_scale_temporal, spec.vae_scale_spatial,
-                                    spec.patch_size)
-        return size, spec.steps
+        from .reference import REFERENCE_MODEL_NAME, reference_call_kwargs, reference_model_dir
+
+        return VideoSize.from_folder(reference_model_dir(), REFERENCE_MODEL_NAME), \
+            reference_call_kwargs()["num_inference_steps"]
     folder = Path(model)
     if not folder.is_dir():
         return None, None

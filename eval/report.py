@@ -17,14 +17,14 @@ from typing import Any
 from .machine import describe_machine
 
 COLUMNS = ("variant", "wall s", "speedup", "self-attn s", "attn speedup", "calib s", "dense steps", "density",
-           "FLOPs saved", "PSNR frame-mean dB", "PSNR global dB", "SSIM", "LPIPS", "flicker")
+           "FLOPs saved", "PSNR frame-mean dB", "PSNR global dB", "SSIM", "LPIPS", "flicker", "detector agree")
 
 
 def table_rows(results: dict[str, Any]) -> list[list[str]]:
     """One row for dense, then one per config, in :data:`COLUMNS` order."""
     dense = results["dense"]
     rows = [["dense", _num(dense["wall_seconds"], 2), "1.00x", _num(dense["attention_seconds"]["self"], 2), "1.00x",
-             "-", "all", "1.000", "0%", "-", "-", "-", "-", _num(dense["vbench"].get("temporal_flickering"), 4)]]
+             "-", "all", "1.000", "0%", "-", "-", "-", "-", _num(dense["vbench"].get("temporal_flickering"), 4), "-"]]
     for config in results["configs"]:
         fidelity = config["fidelity"]
         rows.append([
@@ -42,6 +42,7 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
             _num(fidelity["ssim"], 4),
             _num(fidelity["lpips"], 4),
             _num(config["vbench"].get("temporal_flickering"), 4),
+            "-" if config["detector_agreement"] is None else _percent(config["detector_agreement"]["all"]),
         ])
     return rows
 
@@ -66,6 +67,9 @@ def format_markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
     ]
     if vbench:
         parts += ["", "## VBench", "", *vbench]
+    plans = [line for config in results["configs"] for line in _plan_lines(config)]
+    if plans:
+        parts += ["", "## Plans: each head's family, mass recall and density", "", *plans]
     if plots:
         parts += ["", "## Plots", ""] + [f"![{title}]({path})" for title, path in plots.items()]
     return "\n".join(parts) + "\n"
@@ -93,7 +97,7 @@ def _header(results: dict[str, Any]) -> list[str]:
 
 
 def _footer(results: dict[str, Any]) -> list[str]:
-    lines = list(results["notes"])
+    lines = list(results["notes"]) + _detector_lines(results)
     lines.append("density: fraction of the attention FLOPs kept by the sparse calls; FLOPs saved: over every "
                  "self-attention call of the run, dense steps and layers included")
     lines.append("self-attn s: time inside the self-attention modules (projections, norms, RoPE, attention, output)")
@@ -102,6 +106,42 @@ def _footer(results: dict[str, Any]) -> list[str]:
         lines.append(f"LPIPS {results['skipped']['lpips']}")
     lines += [f"VBench {dim} {reason}" for dim, reason in results["skipped"]["vbench"].items()]
     return lines
+
+
+def _detector_lines(results: dict[str, Any]) -> list[str]:
+    """The clip detector's figures (reference model): prompt adherence of the dense videos, what the
+    agreement column counts, and the words of the prompts that the model does not know."""
+    adherence = results.get("prompt_adherence")
+    if adherence is None:
+        return []
+    accuracy = ", ".join(f"{name} {_percent(value)}" for name, value in adherence["accuracy"].items())
+    lines = [f"prompt adherence (the detector reads the dense videos against {adherence['checked']} prompt(s) "
+             f"in the clips' phrasing): {accuracy}",
+             "detector agree: share of the detector's readings (background, and each object's colour, shape and "
+             "motion) that are the same in the sparse video as in the dense one"]
+    for index, prompt in enumerate(adherence["prompts"]):
+        if prompt["unknown_words"]:
+            lines.append(f"prompt {index} has words the model does not know (read as <unk>): "
+                         f"{', '.join(prompt['unknown_words'])}; it knows: {', '.join(adherence['vocabulary'])}")
+    return lines
+
+
+def _plan_lines(config: dict[str, Any]) -> list[str]:
+    """Per calibrated layer (and CFG context), each head's family, recall and density, under the share
+    of heads that went sparse."""
+    if not config["plans"]:
+        return []
+    lines = [f"**{config['label']}**: {_percent(config['sparse_head_share'])} of the heads sparse", "",
+             "| layer | context | step | heads: family (recall, density) |", "|---|---|---|---|"]
+    for plan in config["plans"]:
+        heads = "; ".join(f"{family} ({recall:.2f}, {density:.2f})"
+                          for family, recall, density in zip(plan["family"], plan["recall"], plan["density"], strict=True))
+        lines.append(f"| {plan['layer']} | {plan['context']} | {plan['step']} | {heads} |")
+    return [*lines, ""]
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def _vbench_lines(results: dict[str, Any]) -> list[str]:

@@ -60,6 +60,7 @@ def build_results(run: EvalRun, machine: dict[str, Any], lpips: LpipsStatus, vbe
             "dtype": str(model.pipe.transformer.dtype).removeprefix("torch."),
         },
         "prompts": run.prompts,
+        "prompt_adherence": _adherence(run),
         "dense": dense | {"vbench": vbench.scores.get(run.dense.name, {})},
         "configs": [],
         "skipped": {"lpips": None if lpips.available else lpips.reason, "vbench": vbench.skipped},
@@ -85,14 +86,42 @@ def build_results(run: EvalRun, machine: dict[str, Any], lpips: LpipsStatus, vbe
             "density_per_step_layer": np.mean([s.density for s in summaries], axis=0).tolist(),
             "flops_saved_per_step_layer": np.mean([s.flops_saved for s in summaries], axis=0).tolist(),
             "plans": summaries[0].plans,
+            "sparse_head_share": _sparse_head_share(summaries[0].plans),
             "fidelity": {
                 metric: mean_over_prompts([getattr(f, metric) for f in fidelity])
                 for metric in ("psnr_frame_mean", "psnr_global", "ssim", "lpips")
             },
             "per_prompt_fidelity": [asdict(f) for f in fidelity],
+            "detector_agreement": _agreement(run, variant),
             "vbench": vbench.scores.get(variant.name, {}),
         })
     return results
+
+
+def _sparse_head_share(plans: list[dict[str, Any]]) -> float | None:
+    """Share of the planned heads (every layer, context and calibration) given a sparse family."""
+    families = [family for plan in plans for family in plan["family"]]
+    return sum(family != "dense" for family in families) / len(families) if families else None
+
+
+def _adherence(run: EvalRun) -> dict[str, Any] | None:
+    """What the clip detector reads from the dense videos against what the prompts ask (the
+    reference model only)."""
+    if not run.model.reads_clips:
+        return None
+    from .reference.scoring import adherence
+
+    return adherence(run.prompts, [g.frames for g in run.dense.generations])
+
+
+def _agreement(run: EvalRun, variant: VariantRun) -> dict[str, Any] | None:
+    """Whether the detector reads the same from ``variant``'s videos as from the dense ones (the
+    reference model only)."""
+    if not run.model.reads_clips:
+        return None
+    from .reference.scoring import agreement
+
+    return agreement([g.frames for g in run.dense.generations], [g.frames for g in variant.generations])
 
 
 def own_flicker_scores(run: EvalRun) -> dict[str, float]:

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 
 from dit_sparse.app import cli, demo
 from dit_sparse.app.demo import DemoRequest, DemoSession
-from dit_sparse.app.ui import build_demo
+from dit_sparse.app.ui import _details, build_demo
 from dit_sparse.eval.models import load_offline_model
 from dit_sparse.eval.offline_model import OfflineWanSpec
 
@@ -194,3 +194,23 @@ def test_the_command_line_refuses_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_reference_model_offers_its_prompts_and_the_detector_reads_both_videos():
+    from dit_sparse.eval.models import load_reference_model
+    from dit_sparse.eval.reference import prompt_choices
+
+    reference = load_reference_model(torch.device("cpu"), torch.float32)
+    reference.pipe.set_progress_bar_config(disable=True)
+    session = DemoSession(reference)
+    try:
+        assert session.prompts == prompt_choices()
+        page = build_demo(session)
+        (menu,) = [c for c in page.blocks.values() if getattr(c, "label", None) == "Prompt"]
+        assert type(menu).__name__ == "Dropdown" and menu.allow_custom_value and menu.value == prompt_choices()[0]
+        result = session.generate(DemoRequest("a red circle moving left on a black background", 0, 5, 32, 32, 3,
+                                              "adaptive", density=0.5, dense_steps=1))
+        assert result.readings is not None and 0.0 <= result.readings.agreement <= 1.0
+        assert "The clip detector reads the dense video as" in _details(result)
+    finally:
+        session.close()

@@ -156,6 +156,7 @@ def _integration(namespace: dict, folder: Path, out: str) -> None:
 
 def _app(namespace: dict, folder: Path, out: str) -> None:
     assert namespace["again"].dense_from_cache and (folder / "mask.png").exists()
+    assert namespace["result"].readings is not None and "Reading(background=" in out
     assert "dense from the cache: True" in out
 
 

@@ -5,8 +5,8 @@ import sys
 import pytest
 
 from dit_sparse import SparseAttentionConfig
-from dit_sparse.eval.cli import DEFAULT_PROMPTS, build_parser, request_from_args
-from dit_sparse.eval.offline_model import OFFLINE_SPARSE_CONFIG
+from dit_sparse.eval.cli import build_parser, default_prompts, request_from_args
+from dit_sparse.eval.reference import heldout_prompts
 
 
 def _request(argv):
@@ -21,11 +21,19 @@ def _error(argv, capsys) -> str:
     return capsys.readouterr().err
 
 
-def test_defaults_are_the_offline_model_and_its_sparse_config():
+def test_defaults_are_the_reference_model_its_heldout_prompts_and_the_library_config():
     request = _request([])
-    assert request.model is None and request.prompts == DEFAULT_PROMPTS
-    assert request.configs == [OFFLINE_SPARSE_CONFIG]
+    assert request.model is None and request.prompts == default_prompts(None, None)
+    assert request.prompts == [prompt for _, prompt in heldout_prompts(2)]
+    assert request.configs == [SparseAttentionConfig()]
     assert request.device.type in ("cpu", "cuda")
+    assert _request(["--heldout", "5"]).prompts == [prompt for _, prompt in heldout_prompts(5)]
+
+
+def test_heldout_refuses_other_prompts_a_model_and_a_count_below_one(capsys):
+    assert "leave out --prompts and --model" in _error(["--heldout", "3", "--prompts", "a red fox"], capsys)
+    assert "leave out --prompts and --model" in _error(["--heldout", "3", "--model", "some/model"], capsys)
+    assert "--heldout must be >= 1, got 0" in _error(["--heldout", "0"], capsys)
 
 
 def test_a_loaded_model_defaults_to_the_library_config_and_flags_override_one_field_at_a_time():
@@ -33,7 +41,7 @@ def test_a_loaded_model_defaults_to_the_library_config_and_flags_override_one_fi
     (config,) = _request(["--model", "some/model", "--densities", "0.2"]).configs
     assert config == SparseAttentionConfig(density=0.2)
     (config,) = _request(["--top-p", "0.9"]).configs
-    assert (config.pattern, config.top_p, config.dense_steps) == ("adaptive", 0.9, OFFLINE_SPARSE_CONFIG.dense_steps)
+    assert (config.pattern, config.top_p, config.density) == ("auto", 0.9, None)
 
 
 def test_grid_flags_and_prompt_files(tmp_path):

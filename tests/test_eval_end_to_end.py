@@ -1,5 +1,5 @@
-"""The evaluation CLI end to end on the offline model at a small size: every output written, every
-metric computed or skipped with its reason."""
+"""The evaluation CLI end to end on the reference model at a small size: every output written, every
+metric computed or skipped with its reason, the clip detector's figures, and unknown words named."""
 
 import contextlib
 import io
@@ -10,8 +10,8 @@ import imageio.v3 as iio
 import pytest
 
 from dit_sparse.eval.cli import main
-from dit_sparse.eval.results import RANDOM_WEIGHTS_NOTE
 
+CLIP_PROMPT = "a red circle moving left on a black background"
 SMALL = ["--frames", "9", "--height", "32", "--width", "32", "--steps", "3", "--warmup", "1", "--repeats", "1"]
 
 
@@ -25,7 +25,7 @@ def evaluation(tmp_path_factory):
     )
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        code = main([*SMALL, "--configs", str(configs), "--prompts", "a red fox", "a cat on the grass",
+        code = main([*SMALL, "--configs", str(configs), "--prompts", CLIP_PROMPT, "a red fox",
                      "--vbench", "motion_smoothness", "--save-plans", "--out", str(out)])
     return code, printed.getvalue(), out, json.loads((out / "results.json").read_text())
 
@@ -34,13 +34,18 @@ def test_the_cli_succeeds_and_prints_the_table(evaluation):
     code, printed, _, _ = evaluation
     assert code == 0
     assert "speedup" in printed and "PSNR frame-mean dB" in printed and "\ndense " in printed
-    assert RANDOM_WEIGHTS_NOTE in printed and "LPIPS skipped: " in printed
+    assert "LPIPS skipped: " in printed and "detector agree" in printed and "prompt adherence" in printed
+    assert "prompt 1 has words the model does not know (read as <unk>): fox; it knows: a, and," in printed
     assert "VBench motion_smoothness skipped: " in printed
 
 
 def test_results_hold_speed_fidelity_and_density_for_every_config(evaluation):
     *_, results = evaluation
-    assert results["model"]["random_weights"] and RANDOM_WEIGHTS_NOTE in results["notes"]
+    assert not results["model"]["random_weights"]
+    assert not any("random weights" in note for note in results["notes"])
+    adherence = results["prompt_adherence"]
+    assert adherence["checked"] == 1 and [p["unknown_words"] for p in adherence["prompts"]] == [[], ["fox"]]
+    assert set(adherence["accuracy"]) == {"background", "colour", "shape", "motion"}
     assert results["settings"]["frames_shape"] == [9, 32, 32, 3]
     assert [c["config"]["pattern"] for c in results["configs"]] == ["adaptive", "dense"]
     assert len(results["dense"]["per_prompt_wall_seconds"]) == 2
@@ -61,6 +66,8 @@ def test_results_hold_speed_fidelity_and_density_for_every_config(evaluation):
     assert dense_pattern["flops_saved_fraction"] == 0.0
     assert dense_pattern["fidelity"]["psnr_frame_mean"] == "inf"
     assert dense_pattern["fidelity"]["ssim"] == pytest.approx(1.0)
+    assert dense_pattern["detector_agreement"]["all"] == 1.0       # identical videos read the same
+    assert 0.0 <= adaptive["detector_agreement"]["all"] <= 1.0
 
 
 def test_skipped_metrics_say_why(evaluation):
@@ -87,5 +94,6 @@ def test_videos_plots_plans_and_markdown_are_written(evaluation):
         assert (out / path).is_file() and (out / path).stat().st_size > 0
     assert any("masks_" in path for path in results["outputs"]["plots"].values())
     markdown = (out / "results.md").read_text()
-    assert RANDOM_WEIGHTS_NOTE in markdown and "| dense |" in markdown and "plots/speedup_vs_psnr.png" in markdown
+    assert "| dense |" in markdown and "plots/speedup_vs_psnr.png" in markdown
+    assert "## Plans: each head's family" in markdown and "of the heads sparse" in markdown
     assert not math.isnan(results["configs"][0]["wall_seconds"])

@@ -18,6 +18,11 @@ def test_wheel_installs_subpackages_under_dit_sparse(tmp_path):
     for sub in ("kernels", "pipelines", "app", "eval"):
         assert f"dit_sparse/{sub}/__init__.py" in names
     assert "dit_sparse/kernels/block_sparse_attention_torch.py" in names
+    model = "dit_sparse/eval/reference/model/"
+    for part in ("model_index.json", "transformer/diffusion_pytorch_model.safetensors",
+                 "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                 "tokenizer/tokenizer.json", "scheduler/scheduler_config.json"):
+        assert model + part in names, f"the wheel lacks the reference model's {part}"
     assert not any(n.split("/")[0] in {"kernels", "pipelines", "app", "eval", "tests"} for n in names)
 
 

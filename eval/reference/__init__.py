@@ -15,8 +15,8 @@ its vocabulary (colours, shapes, motions, backgrounds)::
     >>> video.shape                                                                     # doctest: +SKIP
     (29, 128, 128, 3)
 
-Training: :mod:`dit_sparse.eval.reference.train`; measurement: :mod:`dit_sparse.eval.reference.measure`;
-docs/reference-model.md.
+Training: :mod:`dit_sparse.eval.reference.train`; the detector that reads colour, shape and motion
+back from frames: :mod:`dit_sparse.eval.reference.detector`; docs/reference-model.md.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 
 from .clips import HELDOUT_SEED_START, clip_spec
 from .components import ReferenceSizes
-from .vocabulary import unknown_words
+from .vocabulary import unknown_words, vocabulary
 
 REFERENCE_MODEL_NAME = "dit-sparse reference Wan (trained, procedural clips)"
 
@@ -57,10 +57,27 @@ def heldout_prompts(count: int) -> list[tuple[int, str]]:
     Example::
 
         >>> heldout_prompts(1)
-        [(1000000, 'a yellow circle standing still on a dark blue background')]
+        [(1000000, 'a blue circle moving up on a black background')]
     """
     return [(seed, clip_spec(seed).prompt) for seed in range(HELDOUT_SEED_START, HELDOUT_SEED_START + count)]
 
 
-__all__ = ["REFERENCE_MODEL_NAME", "heldout_prompts", "reference_call_kwargs", "reference_model_dir",
-           "unknown_words"]
+def prompt_choices(examples: int = 8) -> list[str]:
+    """Prompts to offer in a menu: the first ``examples`` held-out prompts, then every one-object
+    combination of colour, shape, motion and background, each once.
+
+    Example::
+
+        >>> choices = prompt_choices()
+        >>> len(choices), choices[0]
+        (435, 'a blue circle moving up on a black background')
+    """
+    from .clips import BACKGROUNDS, COLOURS, MOTION_WORDS, SHAPES
+
+    singles = [f"a {colour} {shape} {motion} on a {background} background"
+               for background in BACKGROUNDS for colour in COLOURS for shape in SHAPES for motion in MOTION_WORDS.values()]
+    return list(dict.fromkeys([prompt for _, prompt in heldout_prompts(examples)] + singles))
+
+
+__all__ = ["REFERENCE_MODEL_NAME", "heldout_prompts", "prompt_choices", "reference_call_kwargs", "reference_model_dir",
+           "unknown_words", "vocabulary"]

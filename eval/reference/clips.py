@@ -19,8 +19,10 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.86, 0.12, 0.12),
@@ -122,6 +124,8 @@ def _start(rng: random.Random, motion: str, radius: float, side: int | None) -> 
 
 def render_clip(spec: ClipSpec, frames: int, height: int, width: int) -> torch.Tensor:
     """The clip as ``(frames, height, width, 3)`` float32 in ``[0, 1]``, with anti-aliased edges."""
+    import torch
+
     ys = (torch.arange(height, dtype=torch.float32) + 0.5) / width
     xs = (torch.arange(width, dtype=torch.float32) + 0.5) / width
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
@@ -140,6 +144,8 @@ def render_clip(spec: ClipSpec, frames: int, height: int, width: int) -> torch.T
 
 
 def _signed_distance(shape: str, dx: torch.Tensor, dy: torch.Tensor, radius: float) -> torch.Tensor:
+    import torch
+
     if shape == "circle":
         return torch.sqrt(dx**2 + dy**2) - radius
     if shape == "square":

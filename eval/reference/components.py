@@ -28,7 +28,7 @@ class ReferenceSizes:
     """Sizes of every component and of the default generation."""
 
     vae_base_dim: int = 8
-    vae_dim_mult: tuple[int, ...] = (1, 2, 4)
+    vae_dim_mult: tuple[int, ...] = (1, 2, 2)
     latent_channels: int = 16
     text_dim: int = 32
     text_layers: int = 2
@@ -58,13 +58,15 @@ class ReferenceSizes:
 
 
 def build_vae(sizes: ReferenceSizes):
-    """An untrained ``AutoencoderKLWan`` compressing ``sizes.vae_scale`` x in time and space."""
+    """An untrained ``AutoencoderKLWan`` compressing ``sizes.vae_scale`` x in time and space, with
+    Wan 2.2's residual (average-down, duplicate-up) shortcuts: at this size they train several times
+    faster on CPU than the plain Wan 2.1 blocks."""
     from diffusers import AutoencoderKLWan
 
     downsamples = len(sizes.vae_dim_mult) - 1
     return AutoencoderKLWan(
         base_dim=sizes.vae_base_dim, z_dim=sizes.latent_channels, dim_mult=list(sizes.vae_dim_mult),
-        num_res_blocks=1, attn_scales=[], temperal_downsample=[True] * downsamples,
+        num_res_blocks=1, attn_scales=[], temperal_downsample=[True] * downsamples, is_residual=True,
         scale_factor_spatial=sizes.vae_scale, scale_factor_temporal=sizes.vae_scale,
     )
 

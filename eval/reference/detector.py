@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .clips import BACKGROUNDS, COLOURS, ClipSpec
+from .clips import BACKGROUNDS, COLOURS, MOTION_WORDS, SHAPES, ClipSpec
 
 MIN_AREA = 0.004         # an object covers at least this share of the frame (mean over frames)
 MIN_SHARE = 0.25         # ... and at least this share of the largest object's area
@@ -121,3 +121,28 @@ def attribute_matches(truth: Reading, reading: Reading) -> dict[str, list[bool]]
         matches["shape"].append(read is not None and read[0] == shape)
         matches["motion"].append(read is not None and read[1] == motion)
     return matches
+
+
+def parse_prompt(prompt: str) -> Reading | None:
+    """The :class:`Reading` a prompt in the clips' own phrasing asks for; ``None`` for any other text.
+
+    Example::
+
+        >>> parse_prompt("a red circle moving left and a blue square growing on a gray background")
+        Reading(background='gray', objects=(('blue', 'square', 'growing'), ('red', 'circle', 'left')))
+        >>> parse_prompt("a cat surfing a wave") is None
+        True
+    """
+    words = {phrase: motion for motion, phrase in MOTION_WORDS.items()}
+    objects_part, separator, background = prompt.strip().lower().rpartition(" on a ")
+    background = background.removesuffix(" background")
+    if not separator or background not in BACKGROUNDS:
+        return None
+    objects = []
+    for part in objects_part.split(" and "):
+        fields = part.split(maxsplit=3)
+        if len(fields) != 4 or fields[0] != "a" or fields[1] not in COLOURS or fields[2] not in SHAPES \
+                or fields[3] not in words:
+            return None
+        objects.append((fields[1], fields[2], words[fields[3]]))
+    return Reading(background, tuple(sorted(objects)))

@@ -6,8 +6,8 @@
 Stages, each seeded, checkpointed every ``--checkpoint-every`` steps and resumed from its last
 checkpoint when the command runs again (a finished stage is skipped):
 
-1. ``vae``: the ``AutoencoderKLWan`` on 9-frame clips (64x64 windows of 128x128 renders, and whole
-   64x64 renders), decoding the posterior mean (the transformer is trained on means too), L1 + MSE
+1. ``vae`` and ``vae_long``: the ``AutoencoderKLWan`` on 32x32 windows of clips rendered at 128x128
+   and 64x64, 9 frames long and then as long as the default video, decoding the posterior mean (the transformer is trained on means too), L1 + MSE
    with a small KL term; then its reconstruction PSNR on held-out clips.
 2. ``latents``: the VAE encodes ``--latent-clips`` 29-frame 64x64 training clips once; per-channel
    mean and standard deviation become the VAE's ``latents_mean`` / ``latents_std``.
@@ -39,6 +39,7 @@ from .components import (ReferenceSizes, assemble_pipeline, build_text_encoder, 
                          build_transformer, build_vae)
 
 VAE_FRAMES = 9
+VAE_WINDOW = 32
 CLIP_FRAMES = 29
 SMALL_SIDE = 64
 PROMPT_DROPOUT = 0.1
@@ -50,9 +51,11 @@ EMA_DECAY = 0.995
 class TrainSettings:
     """Steps and batch sizes of every stage (the defaults are the shipped model's)."""
 
-    vae_steps: int = 600
+    vae_steps: int = 2400
     vae_batch: int = 4
-    vae_lr: float = 1e-3
+    vae_lr: float = 3e-3
+    vae_long_steps: int = 300
+    vae_long_lr: float = 1e-3
     latent_clips: int = 3000
     steps: int = 700
     batch: int = 4
@@ -71,19 +74,18 @@ def to_model_range(frames: torch.Tensor) -> torch.Tensor:
     return frames.permute(0, 4, 1, 2, 3) * 2 - 1
 
 
-def vae_batch(step: int, settings: TrainSettings) -> torch.Tensor:
-    """Training clips for VAE step ``step``: half are 64x64 windows of 128x128 renders, half whole
-    64x64 renders, so the VAE sees objects at both scales the transformer uses."""
+def vae_batch(first_seed: int, frames: int, settings: TrainSettings) -> torch.Tensor:
+    """``settings.vae_batch`` training clips of ``frames`` frames, seeds from ``first_seed`` on:
+    32x32 windows of clips rendered at 128x128 and at 64x64 (alternately), so the VAE sees objects at
+    both scales the transformer uses (a convolutional VAE needs no whole frame, and small windows
+    make steps cheap)."""
     clips = []
     for i in range(settings.vae_batch):
-        seed = step * settings.vae_batch + i
-        if i % 2:
-            clips.append(render_clip(clip_spec(seed), VAE_FRAMES, SMALL_SIDE, SMALL_SIDE))
-            continue
-        full = render_clip(clip_spec(seed), VAE_FRAMES, 2 * SMALL_SIDE, 2 * SMALL_SIDE)
-        gen = torch.Generator().manual_seed(seed)
-        top, left = torch.randint(0, SMALL_SIDE + 1, (2,), generator=gen).tolist()
-        clips.append(full[:, top:top + SMALL_SIDE, left:left + SMALL_SIDE])
+        seed = first_seed + i
+        side = VAE_WINDOW * (4 if i % 2 == 0 else 2)
+        full = render_clip(clip_spec(seed), frames, side, side)
+        top, left = torch.randint(0, side - VAE_WINDOW + 1, (2,), generator=torch.Generator().manual_seed(seed)).tolist()
+        clips.append(full[:, top:top + VAE_WINDOW, left:left + VAE_WINDOW])
     return to_model_range(torch.stack(clips))
 
 
@@ -146,23 +148,39 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def train_vae(work: Path, sizes: ReferenceSizes, settings: TrainSettings, log: LossLog) -> torch.nn.Module:
-    """Stage 1: the VAE, returned trained (its held-out PSNR is written to ``work/vae.json``)."""
-    checkpoints = Checkpoints(work, "vae")
+    """Stage 1: the VAE on short clips (``vae``), then on clips of the default length (``vae_long``,
+    so that Wan's causal chunk-by-chunk cache stays stable over every chunk of a default video);
+    returned trained, its held-out PSNR written to ``work/vae.json``."""
     torch.manual_seed(settings.seed)
     vae = build_vae(sizes)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
+    fit_vae("vae", vae, VAE_FRAMES, settings.vae_steps, settings.vae_lr, 0, work, settings, log)
+    fit_vae("vae_long", vae, sizes.frames, settings.vae_long_steps, settings.vae_long_lr,
+            settings.vae_steps * settings.vae_batch, work, settings, log)
+    vae.eval().requires_grad_(False)
+    report = work / "vae.json"
+    if not report.exists():
+        report.write_text(json.dumps(heldout_vae_psnr(vae, sizes, settings.heldout_clips), indent=2))
+    return vae
+
+
+def fit_vae(stage: str, vae: torch.nn.Module, frames: int, steps: int, lr: float, first_seed: int, work: Path,
+            settings: TrainSettings, log: LossLog) -> None:
+    """``steps`` AdamW steps on ``frames``-frame windows, resumed from the stage's checkpoint (a
+    finished stage only loads its weights; a new one starts from ``vae`` as it is)."""
+    checkpoints = Checkpoints(work, stage)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     state = checkpoints.load()
     start = 0
     if state is not None:
         vae.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
-    log.truncate("vae", start)
-    bar = tqdm(range(start, settings.vae_steps), desc="vae", initial=start, total=settings.vae_steps)
+    log.truncate(stage, start)
+    bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, settings.vae_steps, settings.vae_lr)
-        clips = vae_batch(step, settings)
+            group["lr"] = cosine_lr(step, steps, lr)
+        clips = vae_batch(first_seed + step * settings.vae_batch, frames, settings)
         posterior = vae.encode(clips).latent_dist
         recon = vae.decode(posterior.mode()).sample
         loss = F.l1_loss(recon, clips) + F.mse_loss(recon, clips) + VAE_KL_WEIGHT * posterior.kl().mean()
@@ -170,15 +188,10 @@ def train_vae(work: Path, sizes: ReferenceSizes, settings: TrainSettings, log: L
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
-        log.add("vae", step, loss.item())
+        log.add(stage, step, loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.vae_steps:
+        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == steps:
             checkpoints.save({"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1})
-    vae.eval().requires_grad_(False)
-    report = work / "vae.json"
-    if not report.exists():
-        report.write_text(json.dumps(heldout_vae_psnr(vae, sizes, settings.heldout_clips), indent=2))
-    return vae
 
 
 def heldout_vae_psnr(vae: torch.nn.Module, sizes: ReferenceSizes, clips: int) -> dict:
@@ -201,7 +214,7 @@ def encode_latents(work: Path, vae: torch.nn.Module, settings: TrainSettings) ->
         return torch.load(path)
     chunk_size = 8
     latents, prompts = [], []
-    first_seed = 10 * settings.vae_steps * settings.vae_batch  # clips the VAE never saw
+    first_seed = 10 * (settings.vae_steps + settings.vae_long_steps) * settings.vae_batch  # clips the VAE never saw
     with torch.no_grad():
         for start in tqdm(range(0, settings.latent_clips, chunk_size), desc="latents"):
             seeds = range(first_seed + start, first_seed + min(start + chunk_size, settings.latent_clips))
@@ -313,7 +326,7 @@ def cached_batches(data: dict, settings: TrainSettings):
 
 def rendered_batches(vae: torch.nn.Module, data: dict, sizes: ReferenceSizes, settings: TrainSettings):
     """Batches of clips at the default size, rendered and encoded when they are needed."""
-    first_seed = 20 * settings.vae_steps * settings.vae_batch + settings.latent_clips
+    first_seed = 20 * (settings.vae_steps + settings.vae_long_steps) * settings.vae_batch + settings.latent_clips
 
     def batch(step: int) -> tuple[torch.Tensor, list[str]]:
         seeds = [first_seed + step * settings.finetune_batch + i for i in range(settings.finetune_batch)]

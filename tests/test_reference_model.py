@@ -1,0 +1,126 @@
+"""The reference model: procedural clips, the detector, the vocabulary, the shipped pipeline folder
+(loaded with the stock ``WanPipeline.from_pretrained``) and the training command."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dit_sparse.eval.reference import heldout_prompts, prompt_choices, reference_call_kwargs, reference_model_dir
+from dit_sparse.eval.reference.clips import HELDOUT_SEED_START, clip_spec, render_clip
+from dit_sparse.eval.reference.components import ReferenceSizes
+from dit_sparse.eval.reference.detector import Reading, detect, parse_prompt
+from dit_sparse.eval.reference.scoring import adherence, agreement
+from dit_sparse.eval.reference.train import TrainSettings, train
+from dit_sparse.eval.reference.vocabulary import build_tokenizer, unknown_words, vocabulary
+
+
+def test_a_seed_draws_one_clip_and_every_prompt_parses_back_to_it():
+    assert clip_spec(7) == clip_spec(7)
+    for seed in range(400):
+        spec = clip_spec(seed)
+        assert parse_prompt(spec.prompt) == Reading.of(spec)
+        assert len({obj.colour for obj in spec.objects}) == len(spec.objects)
+
+
+def test_training_never_draws_a_heldout_seed():
+    settings = TrainSettings()
+    last_finetune_seed = (20 * (settings.vae_steps + settings.vae_long_steps) * settings.vae_batch
+                          + settings.latent_clips + settings.finetune_steps * settings.finetune_batch)
+    assert last_finetune_seed < HELDOUT_SEED_START
+    assert [seed for seed, _ in heldout_prompts(3)] == [HELDOUT_SEED_START + i for i in range(3)]
+
+
+@pytest.mark.parametrize("side", [64, 128])
+def test_the_detector_reads_rendered_clips_exactly(side):
+    seeds = range(HELDOUT_SEED_START, HELDOUT_SEED_START + (24 if side == 64 else 6))
+    for seed in seeds:
+        spec = clip_spec(seed)
+        assert detect(render_clip(spec, 29, side, side).numpy()) == Reading.of(spec), spec.prompt
+
+
+def test_the_detector_tells_motions_and_shapes_apart_and_refuses_non_rgb_frames():
+    spec = clip_spec(HELDOUT_SEED_START)
+    video = render_clip(spec, 29, 64, 64).numpy()
+    (colour, shape, motion), = Reading.of(spec).objects
+    reversed_motion = {"up": "down", "down": "up", "left": "right", "right": "left"}.get(motion, motion)
+    assert detect(video[::-1].copy()).objects == ((colour, shape, reversed_motion),)
+    with pytest.raises(ValueError, match=r"\(frames, height, width, 3\)"):
+        detect(video[..., :2])
+
+
+def test_scores_count_each_attribute_and_disagreement_shows():
+    specs = [clip_spec(HELDOUT_SEED_START + i) for i in range(4)]
+    videos = [render_clip(spec, 29, 64, 64).numpy() for spec in specs]
+    scores = adherence([spec.prompt for spec in specs] + ["a cat surfing a wave"], videos + [videos[0]])
+    assert scores["accuracy"] == {"background": 1.0, "colour": 1.0, "shape": 1.0, "motion": 1.0}
+    assert scores["checked"] == 4 and scores["prompts"][-1]["unknown_words"] == ["cat", "surfing", "wave"]
+    assert agreement(videos, videos)["all"] == 1.0
+    flat = [np.full_like(video, 0.5) for video in videos]   # gray and empty: every object missing
+    assert agreement(videos, flat)["accuracy"]["colour"] == 0.0
+
+
+def test_the_tokenizer_maps_unknown_words_to_unk_and_names_them():
+    tokenizer = build_tokenizer()
+    ids = tokenizer("a crimson circle").input_ids
+    assert ids == [vocabulary().index("a"), vocabulary().index("<unk>"), vocabulary().index("circle"),
+                   vocabulary().index("</s>")]
+    assert unknown_words("A Crimson circle, moving left") == ["crimson", ","]
+    assert all(not unknown_words(prompt) for prompt in prompt_choices())
+
+
+@pytest.fixture(scope="module")
+def reference_pipe():
+    from diffusers import WanPipeline
+
+    return WanPipeline.from_pretrained(reference_model_dir())
+
+
+def test_the_shipped_folder_loads_with_the_stock_wan_pipeline(reference_pipe):
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
+
+    pipe = reference_pipe
+    assert isinstance(pipe.transformer, WanTransformer3DModel) and isinstance(pipe.vae, AutoencoderKLWan)
+    assert isinstance(pipe.text_encoder, UMT5EncoderModel) and isinstance(pipe.tokenizer, PreTrainedTokenizerFast)
+    assert isinstance(pipe.scheduler, UniPCMultistepScheduler)
+    assert sum(p.numel() for p in pipe.transformer.parameters()) < 5_000_000
+    kwargs = reference_call_kwargs()
+    tokens = ReferenceSizes().video_tokens(kwargs["num_frames"], kwargs["height"], kwargs["width"])
+    assert tokens >= 8192
+    summary = json.loads((reference_model_dir() / "training.json").read_text())
+    assert summary["command"].startswith("python -m dit_sparse.eval.reference.train")
+
+
+def test_a_prompt_generates_end_to_end_and_unknown_words_still_generate(reference_pipe):
+    kwargs = {"num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 2, "output_type": "np"}
+    known = reference_pipe(prompt="a red circle moving left on a black background",
+                           generator=torch.Generator().manual_seed(0), **kwargs).frames[0]
+    unknown = reference_pipe(prompt="a crimson dodecahedron dancing", generator=torch.Generator().manual_seed(0),
+                             **kwargs).frames[0]
+    assert known.shape == unknown.shape == (5, 32, 32, 3)
+    assert np.isfinite(known).all() and np.isfinite(unknown).all()
+    assert np.abs(known - unknown).max() > 0    # the text reaches the video
+
+
+def test_two_training_steps_write_a_loadable_pipeline_and_a_rerun_resumes(tmp_path):
+    from diffusers import WanPipeline
+
+    sizes = ReferenceSizes(num_layers=1, frames=5, height=32, width=32)
+    settings = TrainSettings(vae_steps=2, vae_long_steps=1, latent_clips=2, steps=2, finetune_steps=2,
+                             heldout_clips=1, checkpoint_every=1)
+    work, out = tmp_path / "work", tmp_path / "model"
+    train(work, out, sizes, settings, plot=tmp_path / "loss.png")
+    lines = (work / "loss.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["vae"] * 2 + ["vae_long"] + ["transformer"] * 2 + ["finetune"] * 2
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    pipe = WanPipeline.from_pretrained(out)
+    video = pipe(prompt="a red circle moving left on a black background", num_frames=5, height=32, width=32,
+                 num_inference_steps=2, output_type="np").frames[0]
+    assert video.shape == (5, 32, 32, 3)
+
+    longer = TrainSettings(**{**settings.__dict__, "finetune_steps": 3})
+    train(work, out, sizes, longer)
+    resumed = [line.split(",")[:2] for line in (work / "loss.csv").read_text().splitlines()]
+    assert resumed[:7] == [line.split(",")[:2] for line in lines] and resumed[7] == ["finetune", "2"]
