@@ -47,3 +47,40 @@ def measure_block_mass(
     else:
         from dit_sparse.kernels.block_mass_torch import block_mass_torch as block_mass
     return block_mass(qp, kp, bq, bk, kv_valid_len=valid)
+
+
+def measure_block_masses(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: TokenLayout,
+    block_size: int | tuple[int, int],
+    orders: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    backend: str = "auto",
+) -> dict[str, torch.Tensor]:
+    """:func:`measure_block_mass` over several named ``(q_order, kv_order)`` pairs: on CUDA one
+    Triton pass per order; elsewhere one chunked pass over the scores serves every order.
+
+    Example::
+
+        >>> from dit_sparse import TokenLayout
+        >>> layout = TokenLayout((2, 8, 8), text_len=5)
+        >>> q, k = torch.randn(1, 133, 2, 16), torch.randn(1, 133, 2, 16)
+        >>> orders = {"tile": (layout.tile_order((1, 4, 8)),) * 2, "raster": (layout.identity_order(),) * 2}
+        >>> masses = measure_block_masses(q, k, layout, 32, orders)
+        >>> torch.allclose(masses["raster"], measure_block_mass(q, k, layout, 32, order=layout.identity_order()), atol=1e-6)
+        True
+    """
+    if resolve_backend(backend, q.device) == "triton":
+        return {
+            name: measure_block_mass(q, k, layout, block_size, order=q_order, kv_order=kv_order, backend=backend)
+            for name, (q_order, kv_order) in orders.items()
+        }
+    from dit_sparse.kernels.block_mass_torch import block_mass_torch_orders
+
+    bq, bk = (block_size, block_size) if isinstance(block_size, int) else block_size
+    padding = layout.key_padding(q.shape[0]).to(q.device)
+    bias = torch.zeros(padding.shape, device=q.device).masked_fill_(padding, float("-inf")) if padding.any() else None
+    masses = block_mass_torch_orders(
+        q.transpose(1, 2), k.transpose(1, 2), bq, bk, [tuple(o.to(q.device) for o in pair) for pair in orders.values()], bias
+    )
+    return dict(zip(orders, masses))

@@ -113,6 +113,22 @@ class TokenLayout:
             )
         return valid
 
+    def key_padding(self, batch_size: int) -> torch.Tensor:
+        """Boolean ``[B, S]`` in the original order: the text padding no query may attend.
+
+        Example::
+
+            >>> TokenLayout((1, 1, 2), text_len=3, valid_text_len=(1,)).key_padding(1).tolist()
+            [[False, False, False, True, True]]
+        """
+        padding = torch.zeros(batch_size, self.seq_len, dtype=torch.bool)
+        valid = self.key_valid_len(batch_size)
+        if valid is not None:
+            text_position = torch.arange(self.seq_len) - self.text_offset
+            in_text = (text_position >= 0) & (text_position < self.text_len)
+            padding = in_text[None] & (text_position[None] >= (valid - self.video_len)[:, None])
+        return padding
+
     def video_coords(self) -> torch.Tensor:
         """``[video_len, 3]`` (t, h, w) of each video token, in raster order."""
         t, h, w = self.grid

@@ -115,7 +115,7 @@ def estimate_errors(
     n_video_q = layout.num_video_blocks(bq)
     text_key = torch.arange(n_k, device=k.device) >= layout.num_video_blocks(bk)
     scale = dim**-0.5
-    key_bias = _padding_bias(layout, batch, k.device)
+    key_bias = torch.zeros(batch, seq, device=k.device).masked_fill_(layout.key_padding(batch).to(k.device), float("-inf"))
     sq_err = torch.zeros(len(candidates), batch, heads, device=k.device, dtype=torch.float64)
     sq_ref = torch.zeros(batch, heads, device=k.device, dtype=torch.float64)
     reference_pending = True
@@ -155,17 +155,6 @@ def _per_head(order: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     while order.dim() < 3:
         order = order.unsqueeze(0)
     return order.expand(batch, heads, -1)
-
-
-def _padding_bias(layout: TokenLayout, batch: int, device: torch.device) -> torch.Tensor:
-    """``[B, S]``: 0 for real keys, ``-inf`` for text padding (in the original order)."""
-    bias = torch.zeros(batch, layout.seq_len, device=device)
-    if layout.valid_text_len is not None:
-        valid = torch.tensor(layout.valid_text_len, device=device).expand(batch)
-        position = torch.arange(layout.seq_len, device=device) - layout.text_offset
-        in_text = (position >= 0) & (position < layout.text_len)
-        bias.masked_fill_(in_text[None] & (position[None] >= valid[:, None]), float("-inf"))
-    return bias
 
 
 def _pad_keys(x: torch.Tensor, length: int, value: float) -> torch.Tensor:

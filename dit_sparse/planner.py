@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .budget import Budget
-from .calibration import measure_block_mass
+from .calibration import measure_block_masses
 from .config import SparseAttentionConfig
 from .families.peers import (
     SVG1_PROFILE_FIRST_TOKENS,
@@ -190,10 +190,8 @@ def calibrate(
             counts = tuple(c if c is not None else d for c, d in zip(counts, svg2_cluster_counts(layout)))
         clustering = cluster_heads(q_in, k_in, layout, *counts, config.kmeans_iters, config.seed)
         orders["semantic"] = clustering.orders(layout)
-    masses = {
-        name: _batch_mean(measure_block_mass(q, k, layout, blocks, order=q_order, kv_order=kv_order, backend=config.backend), share_batch)
-        for name, (q_order, kv_order) in orders.items() if name in needed
-    }
+    measured = measure_block_masses(q, k, layout, blocks, {n: o for n, o in orders.items() if n in needed}, config.backend)
+    masses = {name: _batch_mean(mass, share_batch) for name, mass in measured.items()}
     rows = None
     if v is not None and config.pattern == "auto":
         rows = RowSample.of(q, k, v, layout, config.error_rows, config.seed)

@@ -83,3 +83,64 @@ def _key_bias(batch: int, heads: int, seq: int, padded: int, kv_valid_len: torch
 
 def _pad_rows(x: torch.Tensor, length: int) -> torch.Tensor:
     return x if x.shape[2] == length else torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[2]))
+
+
+def block_mass_torch_orders(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size_q: int,
+    block_size_k: int,
+    orders: list[tuple[torch.Tensor, torch.Tensor]],
+    key_bias: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> list[torch.Tensor]:
+    """:func:`block_mass_torch` over several token orders from one pass over the scores.
+
+    The scores of a query and a key do not depend on the order the blocks are cut from, so each
+    chunk's ``exp(QK^T - max)`` is computed once, in the original order, and summed into every
+    order's key blocks (columns gathered into the order) and query blocks.
+
+    Args:
+        q, k: ``[B, H, S, D]`` in the original token order.
+        orders: ``(q_order, kv_order)`` pairs, each ``[S]`` (shared by every head) or ``[B, H, S]``
+            (``order[..., p]`` is the original position of the token at permuted position ``p``).
+        key_bias: ``[B, S]`` added to the scores, in the original order (``-inf`` for padding).
+
+    Returns one ``[B, H, nQ, nK]`` fp32 mass per order (rows sum to 1).
+
+    Example::
+
+        >>> q, k = torch.randn(1, 2, 100, 16), torch.randn(1, 2, 100, 16)
+        >>> shuffled = torch.randperm(100)
+        >>> masses = block_mass_torch_orders(q, k, 32, 32, [(torch.arange(100),) * 2, (shuffled, shuffled)])
+        >>> torch.allclose(masses[1], block_mass_torch(q[:, :, shuffled], k[:, :, shuffled], 32, 32), atol=1e-6)
+        True
+    """
+    batch, heads, seq, dim = q.shape
+    bq, bk = block_size_q, block_size_k
+    n_q, n_k = -(-seq // bq), -(-seq // bk)
+    scale = dim**-0.5 if scale is None else scale
+    per_head = [tuple(o.reshape((1,) * (3 - o.dim()) + tuple(o.shape)).expand(batch, heads, seq) for o in pair) for pair in orders]
+    q_block = [(torch.argsort(q_order, dim=-1) // bq) for q_order, _ in per_head]        # [B, H, S] block of each query
+    masses = [torch.zeros(batch, heads, n_q, n_k, dtype=torch.float32, device=q.device) for _ in orders]
+    rows_per_chunk = max(1, CHUNK_SCORES // seq)
+    for b in range(batch):
+        for h in range(heads):
+            kf = k[b, h].float()
+            for first in range(0, seq, rows_per_chunk):
+                rows = slice(first, min(seq, first + rows_per_chunk))
+                scores = (q[b, h, rows].float() * scale) @ kf.T
+                if key_bias is not None:
+                    scores += key_bias[b]
+                weights = (scores - scores.amax(-1, keepdim=True)).exp_()
+                weights /= weights.sum(-1, keepdim=True)
+                for i, (_, kv_order) in enumerate(per_head):
+                    gathered = _pad_last(weights.index_select(-1, kv_order[b, h]), n_k * bk)
+                    per_block = gathered.view(-1, n_k, bk).sum(-1)                              # [R, nK]
+                    masses[i][b, h].index_add_(0, q_block[i][b, h, rows], per_block)
+    queries_per_block = torch.clamp(seq - torch.arange(n_q, device=q.device) * bq, max=bq).float()
+    return [m / queries_per_block[:, None] for m in masses]
+
+
+def _pad_last(x: torch.Tensor, length: int) -> torch.Tensor:
+    return x if x.shape[-1] == length else torch.nn.functional.pad(x, (0, length - x.shape[-1]))

@@ -77,3 +77,22 @@ def test_adaptive_plan_recall_matches_token_level_mass():
     assert report.family == [["adaptive", "adaptive"]] * 2
     shared, _ = build_plan(q, k, layout, config, share_batch=True)
     assert shared.batch_size == 1
+
+
+def test_one_pass_over_the_scores_gives_every_orders_block_mass():
+    from dit_sparse.calibration import measure_block_masses
+
+    layout = TokenLayout((3, 5, 7), text_len=9, text_first=True, valid_text_len=(4, 9))
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, layout.seq_len, 3, 8, generator=g) * 2 for _ in range(2))
+    shuffled = torch.stack([layout.tile_order((1, 2, 3))] * 3)
+    shuffled[1, : layout.video_len] = shuffled[1, torch.randperm(layout.video_len, generator=g)]
+    orders = {
+        "tile": (layout.tile_order((1, 4, 4)),) * 2,
+        "position": (layout.position_order(),) * 2,
+        "per head": (shuffled.expand(2, -1, -1), shuffled.flip(0).expand(2, -1, -1)),
+    }
+    masses = measure_block_masses(q, k, layout, (16, 32), orders, backend="torch")
+    for name, (q_order, kv_order) in orders.items():
+        expected = measure_block_mass(q, k, layout, (16, 32), order=q_order, kv_order=kv_order, backend="torch")
+        assert torch.allclose(masses[name], expected, atol=1e-6), name
