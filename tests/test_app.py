@@ -73,8 +73,9 @@ def test_generate_returns_two_playable_videos_timings_fidelity_and_figures(sessi
     assert isinstance(result.density_figure, Figure)
     assert result.summary.density.shape == (SPEC.steps, SPEC.num_layers)        # [step, layer]
     assert result.summary.density[0].tolist() == [1.0, 1.0]                     # the dense (calibration) step
-    assert result.masks.layers == ["layer 0", "layer 1"] and result.masks.default_layer == "layer 1"
-    one_head = result.masks.figure("layer 0", head=1)
+    # the library defaults keep layer 0 dense: layer 1 alone has a plan
+    assert result.masks.layers == ["layer 1"] and result.masks.default_layer == "layer 1"
+    one_head = result.masks.figure("layer 1", head=1)
     assert len(one_head.axes) == 1 and one_head.axes[0].get_title().startswith("head 1:")
     assert len(result.masks.figure("layer 1").axes) == SPEC.num_heads
     assert "adaptive" in result.masks.notes["layer 1"]
@@ -151,7 +152,7 @@ def test_the_served_app_generates_through_gradio_client(client):
     for plot in (density_plot, mask_plot):
         assert plot["type"] == "matplotlib" and plot["plot"].startswith("data:image/")
     assert layer["value"] == "layer 1" and [value for _, value in head["choices"]] == ["all", "0", "1"]
-    another_head = client.submit("layer 0", "1", api_name="/mask").result(timeout=JOB_TIMEOUT_S)
+    another_head = client.submit("layer 1", "1", api_name="/mask").result(timeout=JOB_TIMEOUT_S)
     assert another_head["plot"].startswith("data:image/") and another_head["plot"] != mask_plot["plot"]
 
 

@@ -69,14 +69,15 @@ def test_grid_flags_and_prompt_files(tmp_path):
         (["--warmup", "-1"], "--warmup must be >= 0"),
         (["--mask-layer", "-1"], "--mask-layer must be >= 0, got -1"),
         (["--seed", "-3"], "--seed must lie in [0, 9223372036854775807], got -3"),
-        (["--frames", "30"], "offline-wan (random weights) takes 4k+1 frames (1, 5, 9, ...); got 30: use 29 or 33"),
+        (["--frames", "30"], "dit-sparse reference Wan (trained, procedural clips) takes 4k+1 frames (1, 5, 9, ...); got 30: "
+                             "use 29 or 33"),
         (["--height", "120"], "takes a height that is a multiple of 16 (WanPipeline requires it); got 120: use 112 or 128"),
         (["--width", "8"], "takes a width that is a multiple of 16 (WanPipeline requires it); got 8: use 16"),
         (["--dense-steps", "4", "--steps", "4"], "4 dense steps of 4 leave no step sparse"),
-        (["--dense-steps", "16"], "config #0 (adaptive, density 0.05, dense steps 16, dense layers none): 16 dense steps "
+        (["--dense-steps", "16"], "config #0 (auto, density 0.15, dense steps 16, dense layers 0): 16 dense steps "
                                   "of 16 leave no step sparse"),
-        (["--dense-steps", "1", "1.0", "--steps", "2"], "config #1 (adaptive, density 0.05, dense steps 1.0, dense "
-                                                        "layers none): 2 dense steps of 2"),
+        (["--dense-steps", "1", "1.0", "--steps", "2"], "config #1 (auto, density 0.15, dense steps 1.0, dense "
+                                                        "layers 0): 2 dense steps of 2"),
     ],
 )
 def test_bad_input_is_a_clear_error(argv, message, capsys):
