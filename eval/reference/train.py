@@ -175,23 +175,15 @@ def fit_vae(stage: str, vae: torch.nn.Module, frames: int, steps: int, lr: float
         vae.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
-    log.truncate(stage, start)
-    bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr)
+
+    def step_loss(step: int) -> torch.Tensor:
         clips = vae_batch(first_seed + step * settings.vae_batch, frames, settings)
         posterior = vae.encode(clips).latent_dist
         recon = vae.decode(posterior.mode()).sample
-        loss = F.l1_loss(recon, clips) + F.mse_loss(recon, clips) + VAE_KL_WEIGHT * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        log.add(stage, step, loss.item())
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == steps:
-            checkpoints.save({"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1})
+        return F.l1_loss(recon, clips) + F.mse_loss(recon, clips) + VAE_KL_WEIGHT * posterior.kl().mean()
+
+    optimise(stage, start, steps, lr, optimizer, list(vae.parameters()), step_loss, lambda: None,
+             lambda: {"model": vae.state_dict()}, checkpoints, log, settings)
 
 
 def heldout_vae_psnr(vae: torch.nn.Module, sizes: ReferenceSizes, clips: int) -> dict:
@@ -293,22 +285,37 @@ def train_denoiser(stage: str, work: Path, denoiser: Denoiser, steps: int, lr: f
         denoiser.load(state["models"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
+
+    def step_loss(step: int) -> torch.Tensor:
+        latents, prompts = batches(step)
+        noise_seed = settings.seed + len(stage) * 10**6 + step   # each stage draws its own noise
+        return denoiser.loss(latents, prompts, torch.Generator().manual_seed(noise_seed))
+
+    optimise(stage, start, steps, lr, optimizer, denoiser.parameters, step_loss, lambda: denoiser.update_ema(ema_decay),
+             lambda: {"models": denoiser.state()}, checkpoints, log, settings)
+
+
+def optimise(stage: str, start: int, steps: int, lr: float, optimizer: torch.optim.Optimizer,
+             parameters: list[torch.nn.Parameter], step_loss, after_step, weights, checkpoints: Checkpoints,
+             log: LossLog, settings: TrainSettings) -> None:
+    """Steps ``start .. steps - 1`` of a stage: cosine learning rate, ``step_loss(step)``, gradients
+    clipped to norm 1, ``after_step()``, the loss logged and shown, and a checkpoint of
+    ``weights()``, the optimizer and the step every ``settings.checkpoint_every`` steps and at the end."""
     log.truncate(stage, start)
     bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, lr)
-        latents, prompts = batches(step)
-        loss = denoiser.loss(latents, prompts, torch.Generator().manual_seed(settings.seed + len(stage) * 10**6 + step))
+        loss = step_loss(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(denoiser.parameters, 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
-        denoiser.update_ema(ema_decay)
+        after_step()
         log.add(stage, step, loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == steps:
-            checkpoints.save({"models": denoiser.state(), "optimizer": optimizer.state_dict(), "step": step + 1})
+            checkpoints.save({**weights(), "optimizer": optimizer.state_dict(), "step": step + 1})
 
 
 
