@@ -167,14 +167,7 @@ def fit_vae(stage: str, vae: torch.nn.Module, frames: int, steps: int, lr: float
             settings: TrainSettings, log: LossLog) -> None:
     """``steps`` AdamW steps on ``frames``-frame windows, resumed from the stage's checkpoint (a
     finished stage only loads its weights; a new one starts from ``vae`` as it is)."""
-    checkpoints = Checkpoints(work, stage)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    state = checkpoints.load()
-    start = 0
-    if state is not None:
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
 
     def step_loss(step: int) -> torch.Tensor:
         clips = vae_batch(first_seed + step * settings.vae_batch, frames, settings)
@@ -182,8 +175,8 @@ def fit_vae(stage: str, vae: torch.nn.Module, frames: int, steps: int, lr: float
         recon = vae.decode(posterior.mode()).sample
         return F.l1_loss(recon, clips) + F.mse_loss(recon, clips) + VAE_KL_WEIGHT * posterior.kl().mean()
 
-    optimise(stage, start, steps, lr, optimizer, list(vae.parameters()), step_loss, lambda: None,
-             lambda: {"model": vae.state_dict()}, checkpoints, log, settings)
+    optimise(stage, work, steps, lr, optimizer, list(vae.parameters()), step_loss, lambda: None,
+             lambda: {"model": vae.state_dict()}, lambda state: vae.load_state_dict(state["model"]), log, settings)
 
 
 def heldout_vae_psnr(vae: torch.nn.Module, sizes: ReferenceSizes, clips: int) -> dict:
@@ -277,30 +270,31 @@ def train_denoiser(stage: str, work: Path, denoiser: Denoiser, steps: int, lr: f
                    batches, log: LossLog, settings: TrainSettings) -> None:
     """Stages 3 and 4: ``steps`` AdamW steps on ``batches(step) -> (latents, prompts)``, resumed
     from the stage's checkpoint (a finished stage only loads its weights)."""
-    checkpoints = Checkpoints(work, stage)
     optimizer = torch.optim.AdamW(denoiser.parameters, lr=lr, weight_decay=0.01)
-    state = checkpoints.load()
-    start = 0
-    if state is not None:
-        denoiser.load(state["models"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
 
     def step_loss(step: int) -> torch.Tensor:
         latents, prompts = batches(step)
         noise_seed = settings.seed + len(stage) * 10**6 + step   # each stage draws its own noise
         return denoiser.loss(latents, prompts, torch.Generator().manual_seed(noise_seed))
 
-    optimise(stage, start, steps, lr, optimizer, denoiser.parameters, step_loss, lambda: denoiser.update_ema(ema_decay),
-             lambda: {"models": denoiser.state()}, checkpoints, log, settings)
+    optimise(stage, work, steps, lr, optimizer, denoiser.parameters, step_loss, lambda: denoiser.update_ema(ema_decay),
+             lambda: {"models": denoiser.state()}, lambda state: denoiser.load(state["models"]), log, settings)
 
 
-def optimise(stage: str, start: int, steps: int, lr: float, optimizer: torch.optim.Optimizer,
-             parameters: list[torch.nn.Parameter], step_loss, after_step, weights, checkpoints: Checkpoints,
-             log: LossLog, settings: TrainSettings) -> None:
-    """Steps ``start .. steps - 1`` of a stage: cosine learning rate, ``step_loss(step)``, gradients
+def optimise(stage: str, work: Path, steps: int, lr: float, optimizer: torch.optim.Optimizer,
+             parameters: list[torch.nn.Parameter], step_loss, after_step, weights, load_weights, log: LossLog,
+             settings: TrainSettings) -> None:
+    """A stage's steps, resumed after its last checkpoint (``load_weights(state)`` and the optimizer
+    restored; a finished stage only loads): cosine learning rate, ``step_loss(step)``, gradients
     clipped to norm 1, ``after_step()``, the loss logged and shown, and a checkpoint of
     ``weights()``, the optimizer and the step every ``settings.checkpoint_every`` steps and at the end."""
+    checkpoints = Checkpoints(work, stage)
+    state = checkpoints.load()
+    start = 0
+    if state is not None:
+        load_weights(state)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
     log.truncate(stage, start)
     bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps)
     for step in bar:
