@@ -40,6 +40,8 @@ class EvalModel:
             loaded pipeline the defaults of its ``__call__``: steps, frames, height, width).
         reads_clips: whether the clip detector can read its videos (the reference model): the
             evaluation then reports prompt adherence and sparse-vs-dense detector agreement.
+        call_extras: further keyword arguments of every pipeline call (the reference model's
+            ``max_sequence_length``).
     """
 
     pipe: Any
@@ -48,6 +50,7 @@ class EvalModel:
     offline_spec: OfflineWanSpec | None = None
     defaults: GenerationSettings = field(default_factory=GenerationSettings)
     reads_clips: bool = False
+    call_extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -93,6 +96,7 @@ class EvalModel:
             "output_type": "np",
             "generator": torch.Generator().manual_seed(settings.seed),
             **self._prompt_inputs(prompt, settings),
+            **self.call_extras,
         }
         optional = {"num_inference_steps": settings.steps, "num_frames": settings.frames, "height": settings.height,
                     "width": settings.width, "guidance_scale": settings.guidance_scale}
@@ -173,7 +177,8 @@ def load_reference_model(device: torch.device, dtype: torch.dtype) -> EvalModel:
     kwargs = reference_call_kwargs()
     defaults = GenerationSettings(kwargs["num_inference_steps"], kwargs["num_frames"], kwargs["height"],
                                   kwargs["width"], kwargs["guidance_scale"])
-    return EvalModel(pipe, REFERENCE_MODEL_NAME, random_weights=False, defaults=defaults, reads_clips=True)
+    return EvalModel(pipe, REFERENCE_MODEL_NAME, random_weights=False, defaults=defaults, reads_clips=True,
+                     call_extras={"max_sequence_length": kwargs["max_sequence_length"]})
 
 
 def load_model(model: str | None, device: torch.device, dtype: torch.dtype) -> EvalModel:

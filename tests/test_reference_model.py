@@ -93,6 +93,25 @@ def test_the_shipped_folder_loads_with_the_stock_wan_pipeline(reference_pipe):
     assert summary["command"].startswith("python -m dit_sparse.eval.reference.train")
 
 
+def test_the_call_settings_encode_prompts_as_training_did(reference_pipe):
+    from dit_sparse.eval.models import load_reference_model
+    from dit_sparse.eval.reference.train import Denoiser
+    from dit_sparse.eval.settings import GenerationSettings
+
+    kwargs = reference_call_kwargs()
+    prompts = ["a red circle moving left on a black background",
+               "a yellow circle moving right and a blue circle moving left on a dark blue background", ""]
+    denoiser = Denoiser(ReferenceSizes(), seed=0)
+    denoiser.text_encoder = reference_pipe.text_encoder
+    with torch.no_grad():
+        trained = denoiser.prompt_embeds(prompts)
+        called, _ = reference_pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
+                                                 max_sequence_length=kwargs["max_sequence_length"])
+    torch.testing.assert_close(called, trained)
+    eval_kwargs = load_reference_model(torch.device("cpu"), torch.float32).call_kwargs(prompts[0], GenerationSettings())
+    assert eval_kwargs["max_sequence_length"] == kwargs["max_sequence_length"]
+
+
 def test_a_prompt_generates_end_to_end_and_unknown_words_still_generate(reference_pipe):
     kwargs = {"num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 2, "output_type": "np"}
     known = reference_pipe(prompt="a red circle moving left on a black background",

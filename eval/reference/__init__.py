@@ -9,7 +9,7 @@ its vocabulary (colours, shapes, motions, backgrounds)::
     >>> pipe = WanPipeline.from_pretrained(reference_model_dir())
     >>> kwargs = reference_call_kwargs()
     >>> kwargs
-    {'num_frames': 29, 'height': 128, 'width': 128, 'num_inference_steps': 16, 'guidance_scale': 1.0}
+    {'num_frames': 29, 'height': 128, 'width': 128, 'num_inference_steps': 16, 'guidance_scale': 1.0, 'max_sequence_length': 32}
     >>> video = pipe(prompt="a red circle moving left on a black background", output_type="np",
     ...              generator=torch.Generator().manual_seed(0), **kwargs).frames[0]   # doctest: +SKIP
     >>> video.shape                                                                     # doctest: +SKIP
@@ -43,11 +43,13 @@ def reference_model_dir() -> Path:
 
 
 def reference_call_kwargs() -> dict[str, Any]:
-    """The default generation settings to pass to the reference pipeline (Wan's own call defaults
-    are 480p sizes)."""
+    """The default generation settings to pass to the reference pipeline: Wan's own call defaults
+    are 480p sizes and 512 text tokens, while the model was trained on 29 frames of 128x128 and
+    prompts padded to 32 tokens."""
     sizes = ReferenceSizes()
     return {"num_frames": sizes.frames, "height": sizes.height, "width": sizes.width,
-            "num_inference_steps": sizes.steps, "guidance_scale": sizes.guidance_scale}
+            "num_inference_steps": sizes.steps, "guidance_scale": sizes.guidance_scale,
+            "max_sequence_length": sizes.max_sequence_length}
 
 
 def heldout_prompts(count: int) -> list[tuple[int, str]]:

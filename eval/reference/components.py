@@ -43,7 +43,7 @@ class ReferenceSizes:
     steps: int = 16
     guidance_scale: float = 1.0
     flow_shift: float = 3.0
-    max_sequence_length: int = 512
+    max_sequence_length: int = 32   # prompts are at most 18 tokens; Wan's 512 would bury them in zero padding
 
     @property
     def vae_scale(self) -> int:

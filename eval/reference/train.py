@@ -54,10 +54,10 @@ class TrainSettings:
     vae_steps: int = 2400
     vae_batch: int = 4
     vae_lr: float = 3e-3
-    vae_long_steps: int = 300
+    vae_long_steps: int = 900
     vae_long_lr: float = 1e-3
     latent_clips: int = 3000
-    steps: int = 700
+    steps: int = 1000
     batch: int = 4
     lr: float = 1e-3
     finetune_steps: int = 100
