@@ -52,6 +52,8 @@ class SparseAttentionHook(ModelHook):
         self._arguments = ForwardArguments(module.forward)
         return module
 
+    # Step counting reads the timestep's value and keeps Python state: run it outside a compiled graph.
+    @torch.compiler.disable(reason="dit-sparse counts steps outside the compiled graph")
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs) -> tuple[tuple, dict]:
         arguments = self._arguments.bind(args, kwargs)
         context = self._cache_context()
@@ -70,6 +72,7 @@ class SparseAttentionHook(ModelHook):
             self._checked_generation = self.controller.generation
         return args, kwargs
 
+    @torch.compiler.disable(reason="dit-sparse counts steps outside the compiled graph")
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         self.controller.end_call(self.name)
         return output
