@@ -78,9 +78,13 @@ def test_graphs_do_not_grow_with_the_layers(dynamo, monkeypatch, region):
     assert graphs[0] == graphs[1]
 
 
-def test_fullgraph_is_refused_with_the_reason(dynamo):
+@pytest.mark.parametrize("region", ["repeated_blocks", "whole"])
+def test_fullgraph_is_refused_with_the_reason(dynamo, region):
     case = build("wan")
     apply_sparse_attention(case.pipe, CONFIG)
-    case.pipe.transformer.compile_repeated_blocks(backend=BACKEND, fullgraph=True)
+    if region == "repeated_blocks":
+        case.pipe.transformer.compile_repeated_blocks(backend=BACKEND, fullgraph=True)
+    else:
+        case.pipe.transformer.compile(backend=BACKEND, fullgraph=True)
     with pytest.raises(torch._dynamo.exc.Unsupported, match="compile without fullgraph=True"):
         case()
