@@ -164,14 +164,14 @@ class SparseAttentionController:
             return dense()
         plan_key = PlanKey(transformer, layer, call.plan_context, call.layout.geometry)
         entry = self.plans.get(plan_key)
+        due = entry is None or not (self._kept(entry) or self._current(entry, call))
         if phase is Phase.CALIBRATE:
             out = dense()
             call.record.dense += 1
-            calibrated_now = entry is not None and entry.generation == self._generation and entry.step == call.step
-            if entry is None or not (self._kept(entry) or calibrated_now):
+            if due:
                 self._calibrate(plan_key, call, query, key, value)
             return out
-        if entry is None or not (self._kept(entry) or entry.generation == self._generation):
+        if due:  # the layer did not run at its calibration step (a step cache skipped it): calibrate now
             entry = self._calibrate(plan_key, call, query, key, value)
         if entry.plan.device != query.device:
             self.plans.to(query.device)
@@ -221,6 +221,12 @@ class SparseAttentionController:
     def _kept(self, entry: CachedPlan) -> bool:
         """Whether ``entry`` serves without calibrating: loaded, or kept from an earlier call."""
         return entry.loaded or (self.config.reuse_plans and entry.generation != self._generation)
+
+    def _current(self, entry: CachedPlan, call: _Call) -> bool:
+        """Whether ``entry`` was calibrated in this generation at or after the calibration step that
+        serves ``call``'s step."""
+        due_step = self._schedule.calibration_step(call.step, call.first_step)
+        return entry.generation == self._generation and entry.step >= due_step
 
     def _calibrate(
         self, plan_key: PlanKey, call: _Call, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor

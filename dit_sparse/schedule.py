@@ -96,6 +96,22 @@ class StepSchedule:
         self.dense_layers = frozenset(config.dense_layers)
         self.recalibrate_at = frozenset(config.recalibrate_at)
 
+    def calibration_step(self, step: int, first_step: int) -> int:
+        """The calibration step whose plans serve run step ``step`` of a transformer/context first
+        called at ``first_step``: the latest ``recalibrate_at`` step reached, else the last warm-up
+        step (the first step when there is no warm-up). A layer that did not run at that step (a step
+        cache such as FirstBlockCache skipped it) calibrates at its next call instead.
+
+        Example::
+
+            >>> schedule = StepSchedule(SparseAttentionConfig(dense_steps=2, recalibrate_at=(5,)), total_steps=8)
+            >>> [schedule.calibration_step(step, first_step=0) for step in (1, 4, 5, 7)]
+            [1, 1, 5, 5]
+        """
+        warm_up_end = first_step + self.dense_steps
+        warm_up = max(first_step, warm_up_end - 1)
+        return max((s for s in self.recalibrate_at if warm_up_end <= s <= step), default=warm_up)
+
     def phase(self, step: int, first_step: int, layer: int) -> Phase:
         """What layer ``layer`` does at run step ``step`` of a transformer/context first called at ``first_step``."""
         if self.always_dense or layer in self.dense_layers:

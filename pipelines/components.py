@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from diffusers.utils.torch_utils import unwrap_module
 
 from .adapter import supported_transformers
 
@@ -16,15 +17,18 @@ TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
 
 def denoisers(pipe_or_transformer: Any) -> list[tuple[str, torch.nn.Module]]:
     """``(component name, transformer)`` of every transformer of a pipeline (``transformer``,
-    ``transformer_2``), or ``[("transformer", it)]`` for a bare module."""
+    ``transformer_2``), or ``[("transformer", it)]`` for a bare module. A transformer wrapped by
+    ``torch.compile(...)`` stands for the module it compiles."""
     if isinstance(pipe_or_transformer, torch.nn.Module):
-        return [("transformer", pipe_or_transformer)]
+        return [("transformer", unwrap_module(pipe_or_transformer))]
     components = getattr(pipe_or_transformer, "components", None)
     if not isinstance(components, dict):
         raise TypeError(
             f"expected a diffusers pipeline or transformer, got {type(pipe_or_transformer).__name__}"
         )
-    found = [(name, components[name]) for name in TRANSFORMER_COMPONENTS if components.get(name) is not None]
+    found = [
+        (name, unwrap_module(components[name])) for name in TRANSFORMER_COMPONENTS if components.get(name) is not None
+    ]
     if not found:
         raise ValueError(
             f"{type(pipe_or_transformer).__name__} has no transformer component "

@@ -20,6 +20,7 @@ from .components import check_not_context_parallel, denoisers, total_steps_of
 from .processor import SparseAttnProcessor
 
 _SPARSE_ATTENTION_HOOK = "dit_sparse_attention"
+_COMPILE_BREAK = "dit-sparse counts denoising steps outside the compiled graph; compile without fullgraph=True"
 
 
 class SparseAttentionHook(ModelHook):
@@ -52,6 +53,8 @@ class SparseAttentionHook(ModelHook):
         self._arguments = ForwardArguments(module.forward)
         return module
 
+    # Step counting reads the timestep's value and keeps Python state: run it outside a compiled graph.
+    @torch.compiler.disable(reason=_COMPILE_BREAK)
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs) -> tuple[tuple, dict]:
         arguments = self._arguments.bind(args, kwargs)
         context = self._cache_context()
@@ -70,6 +73,7 @@ class SparseAttentionHook(ModelHook):
             self._checked_generation = self.controller.generation
         return args, kwargs
 
+    @torch.compiler.disable(reason=_COMPILE_BREAK)
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         self.controller.end_call(self.name)
         return output

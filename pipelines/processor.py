@@ -12,6 +12,12 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from dit_sparse.controller import SparseAttentionController
 
 
+_COMPILE_BREAK = (
+    "dit-sparse runs each self-attention call (dense, calibration or sparse, decided per layer and step) outside "
+    "the compiled graph; compile without fullgraph=True"
+)
+
+
 class SparseAttnProcessor:
     """Base class of the sparse processors.
 
@@ -39,6 +45,12 @@ class SparseAttnProcessor:
         if backend is not None:
             self._attention_backend = backend
 
+    # One explicit graph break per self-attention call under torch.compile: whether a call runs dense,
+    # calibrates or runs sparse is per-layer, per-step Python state, and the sparse path gathers by
+    # plan indices and calibration reads tensor values (e.g. the longest run in radial pooling);
+    # traced, each layer and step would become a graph of its own. Projections, norms, RoPE and the
+    # output projection around it still compile, and repeated blocks share their graphs.
+    @torch.compiler.disable(reason=_COMPILE_BREAK)
     def attend(
         self,
         query: torch.Tensor,
@@ -57,7 +69,7 @@ class SparseAttnProcessor:
             warnings.warn(
                 f"{type(self).__name__} got an attention mask its token layout does not describe; those calls run "
                 "dense",
-                stacklevel=2,
+                stacklevel=3,  # past the torch.compiler.disable wrapper
             )
             return dense()
         return self.controller.attend(self.transformer, self.layer, query, key, value, dense)
