@@ -75,6 +75,8 @@ def measure_block_masses(
         >>> torch.allclose(masses["raster"], measure_block_mass(q, k, layout, 32, order=layout.identity_order()), atol=1e-6)
         True
     """
+    if not orders:
+        return {}
     if resolve_backend(backend, q.device) == "triton":
         return {
             name: measure_block_mass(q, k, layout, block_size, order=q_order, kv_order=kv_order, backend=backend)
@@ -97,7 +99,8 @@ def sample_query_rows(
     """Original positions of the queries a block-mass measurement samples: each query with
     probability ``rows_per_block / block_size`` (seeded), plus every query of any block, in any of
     ``q_orders`` (``[S]`` or ``[B, H, S]``), that the draw left empty. ``None`` (every query) when
-    ``rows_per_block`` is ``None`` or at least the block size.
+    ``rows_per_block`` is ``None`` or more than a quarter of the block size: a sample is taken only
+    where it cuts the measurement at least fourfold.
 
     Example::
 
@@ -105,7 +108,7 @@ def sample_query_rows(
         >>> 0.2 < rows.numel() / 4096 < 0.3
         True
     """
-    if rows_per_block is None or rows_per_block >= block_size:
+    if rows_per_block is None or 4 * rows_per_block > block_size:
         return None
     device = q_orders[0].device
     generator = torch.Generator().manual_seed(seed)

@@ -55,8 +55,8 @@ class SparseAttentionConfig:
         error_rows: query rows per head sampled for the error estimate (exact dense and sparse
             outputs of those rows at the calibration step).
         mass_rows: query rows per query block (a seeded random sample) whose attention the block
-            mass is measured on, on the PyTorch path (CPU); ``None`` measures every query. 16 of
-            a block of 64 cut the measurement about fourfold.
+            mass is measured on, on the PyTorch path (CPU), when that is at most a quarter of the
+            query block (16 of a block of 64, or of 128); ``None`` measures every query.
         radial_decay: with ``pattern="radial_paper"``, the paper's decay factor (its mask ignores
             the budget: the decay sets the density).
         backend: attention backend (see :func:`dit_sparse.sparse_attention`).

@@ -1,6 +1,7 @@
 """The Gradio demo: its generate logic called directly, the app served on 127.0.0.1 and driven with
 gradio_client, bad input, failures half-way, and the command line. A tiny offline Wan model."""
 
+import threading
 import time
 
 import imageio.v3 as iio
@@ -254,13 +255,23 @@ def what_it_shows(outputs):
     return iio.imread(sparse_video, plugin="FFMPEG").tobytes(), psnr, ssim, dense_steps, layer["choices"], head["choices"]
 
 
+class GenerateCalls(list):
+    """``(event, seed)`` for every start and end of a generation; generations wait for ``all_queued``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.all_queued = threading.Event()
+
+
 @pytest.fixture
 def generate_calls(session, monkeypatch):
-    """``(event, seed)`` for every start and end of a generation the session ran during the test."""
-    calls = []
+    """The session's generations during the test, held back until the test has queued every request
+    (so that they are in the queue together, whatever the machine's speed)."""
+    calls = GenerateCalls()
     generate = session.generate
 
     def recorded(request):
+        assert calls.all_queued.wait(JOB_TIMEOUT_S)
         calls.append(("start", request.seed))
         try:
             return generate(request)
@@ -283,6 +294,7 @@ def test_concurrent_requests_all_complete_in_order_each_with_its_own_settings(cl
                                                                               count):
     requests = CONCURRENT[:count]
     jobs = submit_in_order(client, requests)
+    generate_calls.all_queued.set()
     results = [job.result(timeout=JOB_TIMEOUT_S * count) for job in jobs]
     seeds = [request[0] for request in requests]
     assert generate_calls == [(event, seed) for seed in seeds for event in ("start", "end")]   # one at a time, FIFO
@@ -304,6 +316,7 @@ def test_a_failing_request_among_concurrent_ones_leaves_the_next_working(client,
     summarize = demo.summarize_sparse_run
     monkeypatch.setattr(demo, "summarize_sparse_run", second_fails)
     first, failing, after = submit_in_order(client, CONCURRENT[:3])
+    generate_calls.all_queued.set()
     assert what_it_shows(first.result(timeout=JOB_TIMEOUT_S * 3)) == alone[CONCURRENT[0][0]]
     with pytest.raises(AppError, match="RuntimeError: planner crashed"):
         failing.result(timeout=JOB_TIMEOUT_S * 3)

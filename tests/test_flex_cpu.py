@@ -24,7 +24,7 @@ def test_flex_compiles_once_eager_would_hold_more_scores_than_the_bound(monkeypa
     plan, q, k, v = small_case()
     ref = sparse_attention(q, k, v, plan, backend="torch_reference")
     torch.testing.assert_close(sparse_attention(q, k, v, plan, backend="flex"), ref, atol=1e-5, rtol=1e-5)
-    monkeypatch.setattr(attention, "FLEX_EAGER_SCORE_BYTES", 2 * 2 * 127 * 127 * 4)  # just under 2x2x127x127 fp32
+    monkeypatch.setattr(attention, "FLEX_EAGER_SCORE_BYTES", 2 * 2 * 127 * 127 * 4 - 1)  # just under 2x2x127x127 fp32
     sparse_attention(q, k, v, plan, backend="flex")
     assert chosen == [False, True]
 
