@@ -226,22 +226,34 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 
 def _attend_full_rows(q_src, q_index, out_index, k_blocks, v_blocks, limit, full, out, heads, n_q, scale):
-    """Rows that attend every key block: one SDPA per (batch, head) over its valid keys in place
-    (in plan order the valid keys are a prefix)."""
+    """Rows that attend every key block, over the valid keys in place (in plan order they are a
+    prefix): heads whose every row is full and whose batch elements have as many valid keys in one
+    SDPA call, each other head in a call of its own."""
     if not bool(full.any()):
         return
-    bq, dim = q_index.shape[1], q_src.shape[1]
+    dim = q_src.shape[1]
     keys = k_blocks.view(full.numel() // n_q, -1, dim)
     values = v_blocks.view_as(keys)
     full = full.view(-1, n_q)
-    for bh in torch.nonzero(full.any(-1)).squeeze(1).tolist():
-        rows = torch.nonzero(full[bh]).squeeze(1) + bh * n_q
-        valid = int(limit[bh // heads])
-        qs = q_src.index_select(0, q_index[rows].reshape(-1))
-        o = F.scaled_dot_product_attention(
-            qs[None, None], keys[bh, None, None, :valid], values[bh, None, None, :valid], scale=scale
-        )
+    valid = limit.repeat_interleave(heads)
+    whole = full.all(-1)
+    blocks = torch.arange(n_q, device=full.device)
+    calls = [(group, (group[:, None] * n_q + blocks).reshape(-1))
+             for group in (torch.nonzero(whole & (valid == n)).squeeze(1) for n in torch.unique(valid[whole]).tolist())]
+    calls += [(bh[None], torch.nonzero(full[bh]).squeeze(1) + bh * n_q) for bh in torch.nonzero(full.any(-1) & ~whole).squeeze(1)]
+    for group, rows in calls:
+        n = int(valid[group[0]])
+        qs = q_src.index_select(0, q_index[rows].reshape(-1)).view(1, len(group), -1, dim)
+        o = F.scaled_dot_product_attention(qs, _heads(keys, group, n), _heads(values, group, n), scale=scale)
         out.index_copy_(0, out_index[rows].reshape(-1), o.view(-1, dim))
+
+
+def _heads(x: torch.Tensor, group: torch.Tensor, length: int) -> torch.Tensor:
+    """``x[group, :length]`` as ``[1, G, length, D]``: a view when the heads are consecutive."""
+    first, last = int(group[0]), int(group[-1])
+    if last - first + 1 == len(group):
+        return x[first : last + 1, :length][None]
+    return x[group, :length][None]
 
 
 def _valid_limit(batch: int, seq: int, kv_valid_len, device) -> torch.Tensor:
