@@ -43,11 +43,11 @@ def test_flex_refuses_with_the_size_and_the_way_out_when_it_cannot_compile(monke
         sparse_attention(q, k, v, plan, backend="flex")
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_compiled_flex_on_cpu_matches_the_reference(monkeypatch, dtype, tol):
+def test_compiled_flex_on_cpu_matches_the_reference(monkeypatch):
+    """One compile (about 20 s on two cores): partial blocks, text padding, an empty row."""
     monkeypatch.setattr(attention, "FLEX_EAGER_SCORE_BYTES", 0)
-    plan, q, k, v = small_case(dtype)
+    plan, q, k, v = small_case()
     out = sparse_attention(q, k, v, plan, backend="flex")
     ref = sparse_attention(q, k, v, plan, backend="torch_reference")
-    assert out.dtype == dtype and not out.isnan().any()
-    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
