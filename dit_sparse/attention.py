@@ -50,6 +50,9 @@ def sparse_attention(
         )
         return out.transpose(1, 2)
 
+    if name == "torch":  # the token gathers run inside the kernel, chunk by chunk
+        rows = _token_rows(plan, "q", batch), _token_rows(plan, "kv", batch)
+        return _torch_kernel(q, k, v, plan, _valid_len(plan, batch, q.device), scale, *rows)
     qp = _to_plan_order(q, plan, "q")
     kp = _to_plan_order(k, plan, "kv")
     vp = _to_plan_order(v, plan, "kv")
@@ -77,9 +80,7 @@ def attention_in_plan_order(
     if name not in _KERNELS:
         raise ValueError(f"backend {name!r} works in the original token order; use sparse_attention")
     plan = plan.to(q.device)
-    valid = plan.layout.key_valid_len(q.shape[0])
-    valid = None if valid is None else valid.to(q.device)
-    return _KERNELS[name](q, k, v, plan, valid, scale)
+    return _KERNELS[name](q, k, v, plan, _valid_len(plan, q.shape[0], q.device), scale)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -155,6 +156,19 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, dim).index_select(0, index).view(batch, heads, seq, dim)
 
 
+def _valid_len(plan: BlockSparsePlan, batch: int, device: torch.device) -> torch.Tensor | None:
+    valid = plan.layout.key_valid_len(batch)
+    return None if valid is None else valid.to(device)
+
+
+def _token_rows(plan: BlockSparsePlan, which: str, batch: int) -> torch.Tensor:
+    """``[B, H, S]``: the row of a ``(B, S, H, D)`` tensor's ``reshape(-1, D)`` that holds each
+    position of each head's query (``"q"``) or key (``"kv"``) order."""
+    return plan.cached(
+        ("rows", which, batch), lambda: _gather_index(plan.order(which, batch)).view(batch, plan.num_heads, -1)
+    )
+
+
 def _to_plan_order(x: torch.Tensor, plan: BlockSparsePlan, which: str) -> torch.Tensor:
     batch = x.shape[0]
     if getattr(plan, f"{which}_order") is None:
@@ -176,10 +190,12 @@ def _plan_rows(plan: BlockSparsePlan) -> tuple:
     return plan.kv_counts, plan.kv_offsets, plan.kv_indices, plan.block_size_q, plan.block_size_k
 
 
-def _torch_kernel(q, k, v, plan: BlockSparsePlan, valid, scale):
+def _torch_kernel(q, k, v, plan: BlockSparsePlan, valid, scale, q_rows=None, kv_rows=None):
     from dit_sparse.kernels.block_sparse_attention_torch import block_sparse_attention_torch
 
-    return block_sparse_attention_torch(q, k, v, *_plan_rows(plan), kv_valid_len=valid, scale=scale)
+    return block_sparse_attention_torch(
+        q, k, v, *_plan_rows(plan), kv_valid_len=valid, scale=scale, q_rows=q_rows, kv_rows=kv_rows
+    )
 
 
 def _triton_kernel(q, k, v, plan: BlockSparsePlan, valid, scale):
@@ -195,19 +211,43 @@ def _triton_kernel(q, k, v, plan: BlockSparsePlan, valid, scale):
 
 def _flex_kernel(q, k, v, plan: BlockSparsePlan, valid, scale):
     """FlexAttention with the plan's ``BlockMask`` (which carries the valid key lengths itself);
-    rows with no key come out as zeros. Compiled FlexAttention needs tiles that divide the mask's
-    blocks: blocks under its default 128 get tiles of their own size."""
+    rows with no key come out as zeros. Compiled on CUDA, and on CPU once eager FlexAttention would
+    hold more than ``FLEX_EAGER_SCORE_BYTES`` of scores. Compiled FlexAttention on CUDA needs tiles
+    that divide the mask's blocks: blocks under its default 128 get tiles of their own size."""
     batch = q.shape[0]
     block_mask = plan.cached(("valid", "flex_block_mask", batch), lambda: plan.to_flex_block_mask(batch))
-    bq, bk = plan.block_size_q, plan.block_size_k
-    options = None if min(bq, bk) >= 128 else {"BLOCK_M": min(bq, 128), "BLOCK_N": min(bk, 128)}
-    return _flex_attention(q.device.type == "cuda")(q, k, v, block_mask=block_mask, scale=scale, kernel_options=options)
+    scores = _eager_flex_score_bytes(q, k)
+    compiled = q.device.type == "cuda" or scores > FLEX_EAGER_SCORE_BYTES
+    options = None
+    if q.device.type == "cuda" and min(plan.block_size_q, plan.block_size_k) < 128:
+        options = {"BLOCK_M": min(plan.block_size_q, 128), "BLOCK_N": min(plan.block_size_k, 128)}
+    try:
+        return _flex_attention(compiled)(q, k, v, block_mask=block_mask, scale=scale, kernel_options=options)
+    except Exception as error:
+        if q.device.type == "cuda" or not compiled:
+            raise
+        batch, heads, seq, _ = q.shape
+        raise RuntimeError(
+            f"backend='flex' on CPU compiles FlexAttention for inputs this large (eager FlexAttention would hold "
+            f"{batch}x{heads}x{seq}x{k.shape[2]} scores, {scores / 2**30:.1f} GiB, over the "
+            f"{FLEX_EAGER_SCORE_BYTES / 2**30:.2f} GiB bound), and compiling it failed: {type(error).__name__}: "
+            f"{error}. Use backend='torch', the CPU fast path, which never holds the scores."
+        ) from error
+
+
+# Eager FlexAttention materialises every score (fp32): on CPU, inputs whose scores would take more
+# than this run through compiled FlexAttention instead.
+FLEX_EAGER_SCORE_BYTES = 1 << 28
+
+
+def _eager_flex_score_bytes(q: torch.Tensor, k: torch.Tensor) -> int:
+    batch, heads, seq, _ = q.shape
+    return batch * heads * seq * k.shape[2] * 4
 
 
 @functools.cache
 def _flex_attention(compiled: bool):
-    """``flex_attention``, compiled once per process for CUDA; eager elsewhere (the eager path
-    materialises the scores: for small inputs only)."""
+    """``flex_attention``, compiled once per process, or eager (which materialises the scores)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention

@@ -17,7 +17,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULT_DENSITY = 0.15
 # The fields a plan depends on: plans saved under one config serve another that agrees on these.
 PLAN_FIELDS = ("pattern", "density", "top_p", "alpha", "exponent", "block_size", "tile_shape", "min_recall",
-               "max_error", "fallback_share", "error_rows", "radial_decay", "per_context_plans", "seed",
+               "max_error", "fallback_share", "error_rows", "mass_rows", "radial_decay", "per_context_plans", "seed",
                "query_clusters", "key_clusters", "kmeans_iters")
 
 
@@ -54,6 +54,9 @@ class SparseAttentionConfig:
             0.165), on top of what the chosen masks spend; 0 leaves it only what they leave unspent.
         error_rows: query rows per head sampled for the error estimate (exact dense and sparse
             outputs of those rows at the calibration step).
+        mass_rows: query rows per query block (a seeded random sample) whose attention the block
+            mass is measured on, on the PyTorch path (CPU), when that is at most a quarter of the
+            query block (16 of a block of 64, or of 128); ``None`` measures every query.
         radial_decay: with ``pattern="radial_paper"``, the paper's decay factor (its mask ignores
             the budget: the decay sets the density).
         backend: attention backend (see :func:`dit_sparse.sparse_attention`).
@@ -89,6 +92,7 @@ class SparseAttentionConfig:
     max_error: float = 0.05
     fallback_share: float = 0.1
     error_rows: int = 256
+    mass_rows: int | None = 16
     radial_decay: float = 0.2
     backend: str = "auto"
     per_context_plans: bool = True
@@ -136,6 +140,8 @@ class SparseAttentionConfig:
         if isinstance(self.fallback_share, bool) or not isinstance(self.fallback_share, (int, float)) or self.fallback_share < 0:
             raise ValueError(f"fallback_share must be a number >= 0 (0 turns the fallback off), got {self.fallback_share!r}")
         _check_count("error_rows", self.error_rows, minimum=1)
+        if self.mass_rows is not None:
+            _check_count("mass_rows (or None to measure every query)", self.mass_rows, minimum=1)
         if isinstance(self.radial_decay, bool) or not isinstance(self.radial_decay, (int, float)) or self.radial_decay <= 0:
             raise ValueError(f"radial_decay must be a number > 0, got {self.radial_decay!r}")
         if self.pattern == "svg1" and self.density is None:

@@ -190,7 +190,9 @@ def calibrate(
             counts = tuple(c if c is not None else d for c, d in zip(counts, svg2_cluster_counts(layout)))
         clustering = cluster_heads(q_in, k_in, layout, *counts, config.kmeans_iters, config.seed)
         orders["semantic"] = clustering.orders(layout)
-    measured = measure_block_masses(q, k, layout, blocks, {n: o for n, o in orders.items() if n in needed}, config.backend)
+    measured = measure_block_masses(
+        q, k, layout, blocks, {n: o for n, o in orders.items() if n in needed}, config.backend, config.mass_rows, config.seed
+    )
     masses = {name: _batch_mean(mass, share_batch) for name, mass in measured.items()}
     rows = None
     if v is not None and config.pattern == "auto":

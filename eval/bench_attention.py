@@ -9,7 +9,12 @@ On a GPU the ``wan480p`` and ``hunyuan720p`` presets (the default there is ``wan
 plan per density: dense SDPA (flash backend), compiled FlexAttention with the plan's BlockMask and the
 Triton kernel (the ``flex`` and ``triton`` backends on tensors already in plan order), the ``triton``
 backend end to end (with the token gathers), and block-mass calibration of the layer against one
-dense attention; then they check the kernel targets. Without a GPU every preset runs the CPU comparison (``--preset cpu``).
+dense attention; then they check the kernel targets. Without a GPU every preset runs the CPU comparison (``--preset cpu``):
+dense SDPA, each ``--backends`` entry through ``sparse_attention`` (token gathers included) and, for
+``torch`` and ``flex``, its kernel alone on tensors already in plan order. ``flex`` on the CPU is
+compiled FlexAttention (past its eager bound): its first call, the compile, is reported apart. The
+CPU timings are taken in turns (one call of each per round), and the run prints the CPU that other
+processes used meanwhile, and the CPU targets.
 
 Every timing is the median of ``--repeats`` runs after ``--warmup`` runs (CUDA events on a GPU);
 speedups are ratios to dense SDPA measured in the same process on the same inputs.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -27,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from dit_sparse import BlockSparsePlan, TokenLayout, sparse_attention
-from dit_sparse.eval.machine import describe_machine, machine_info
+from dit_sparse.eval.machine import OtherCpuUse, describe_machine, machine_info
 
 
 def band_block_mask(num_blocks: int, heads: int, density: float) -> torch.Tensor:
@@ -103,26 +109,67 @@ def make_plan(args: argparse.Namespace, layout: TokenLayout, density: float, dev
     return BlockSparsePlan.from_block_mask(mask, layout, args.block_size, q_order=order, kv_order=order).to(device)
 
 
+def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median wall time in milliseconds of each of ``fns``, timed in turns (one call of each per
+    round), so that a change in the machine's load during the run weighs on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if round_ >= warmup:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def first_call_ms(fn: Callable[[], object]) -> float:
+    """Wall time of one call in milliseconds (for a compiled function's first call: its compile)."""
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
 def run(args: argparse.Namespace) -> list[dict]:
+    """CPU: dense SDPA against each backend through ``sparse_attention`` (token gathers included) on
+    one plan per density and, for ``torch`` and ``flex``, against its kernel alone on tensors already
+    in plan order; timed in turns. Compiled FlexAttention's first call (its compile) is timed apart."""
+    from dit_sparse.attention import attention_in_plan_order, head_major
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     layout, q, k, v = make_inputs(args, device, dtype)
-    seq = layout.seq_len
-
+    flops_dense = 4 * layout.seq_len**2 * args.head_dim * args.heads
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-    dense_ms = median_time(lambda: F.scaled_dot_product_attention(qt, kt, vt), args.warmup, args.repeats, device)
-    flops_dense = 4 * seq * seq * args.head_dim * args.heads
-    rows = [{"backend": "sdpa (dense)", "density": 1.0, "ms": dense_ms, "speedup": 1.0,
-             "tflops": flops_dense / dense_ms / 1e9}]
-    for density in args.densities:
-        plan = make_plan(args, layout, density, device)
+    fns = {"sdpa (dense)": lambda: F.scaled_dot_product_attention(qt, kt, vt)}
+    rows = {"sdpa (dense)": {"backend": "sdpa (dense)", "density": 1.0, "first_call_ms": None}}
+    for target in args.densities:
+        plan = make_plan(args, layout, target, device)
+        qp, kp, vp = head_major(q, plan.q_order), head_major(k, plan.kv_order), head_major(v, plan.kv_order)
         for backend in args.backends:
-            ms = median_time(lambda: sparse_attention(q, k, v, plan, backend=backend), args.warmup, args.repeats, device)
-            rows.append({
-                "backend": backend, "density": plan.density(), "ms": ms, "speedup": dense_ms / ms,
-                "tflops": flops_dense * plan.density() / ms / 1e9,
-            })
-    return rows
+            methods = {backend: lambda plan=plan, backend=backend: sparse_attention(q, k, v, plan, backend=backend)}
+            if backend in ("torch", "flex"):
+                methods[f"{backend} kernel (plan order)"] = (
+                    lambda plan=plan, backend=backend, qp=qp, kp=kp, vp=vp: attention_in_plan_order(qp, kp, vp, plan, backend)
+                )
+            for method, fn in methods.items():
+                name = f"{method} @ {target}"
+                first = first_call_ms(fn) if backend == "flex" else None
+                fns[name] = fn
+                rows[name] = {"backend": method, "target_density": target, "density": plan.density(), "first_call_ms": first}
+    with OtherCpuUse() as other:
+        load_before = os.getloadavg()
+        medians = interleaved_medians(fns, args.warmup, args.repeats)
+        load_after = os.getloadavg()
+    dense_ms = medians["sdpa (dense)"]
+    for name, row in rows.items():
+        row |= {"ms": medians[name], "speedup": dense_ms / medians[name],
+                "tflops": flops_dense * row["density"] / medians[name] / 1e9}
+    for name, row in rows.items():
+        flex = rows.get(f"flex @ {row.get('target_density')}")
+        if flex is not None and row["backend"] in ("torch", "flex"):
+            row["vs_flex"] = flex["ms"] / row["ms"]
+    args.load = {"other_cores": other.cores, "loadavg_before": load_before, "loadavg_after": load_after}
+    return list(rows.values())
 
 
 def run_kernels(args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -191,10 +238,41 @@ def check_targets(rows: list[dict]) -> list[str]:
     ]
 
 
+CPU_TARGETS = {"speedup_vs_sdpa": 5.5, "speedup_vs_flex": 1.5, "target_density": 0.15, "full_plan_slowdown": 1.1}
+
+
+def check_cpu_targets(rows: list[dict]) -> list[str]:
+    """One line per CPU target of the ``torch`` backend (token gathers included) found in ``rows``."""
+    def find(backend: str, target: float) -> dict | None:
+        return next((r for r in rows if r["backend"] == backend and r.get("target_density") == target), None)
+
+    checks = []
+    sparse = find("torch", CPU_TARGETS["target_density"])
+    if sparse:
+        checks.append((f"torch speedup over dense SDPA at density {CPU_TARGETS['target_density']}", sparse["speedup"],
+                       ">=", CPU_TARGETS["speedup_vs_sdpa"]))
+        if "vs_flex" in sparse:
+            checks.append((f"torch speedup over compiled Flex at density {CPU_TARGETS['target_density']}",
+                           sparse["vs_flex"], ">=", CPU_TARGETS["speedup_vs_flex"]))
+    full = find("torch", 1.0)
+    if full:
+        checks.append(("torch time at density 1.0 / dense SDPA's", 1 / full["speedup"], "<=", CPU_TARGETS["full_plan_slowdown"]))
+    return [
+        f"{name}: {value:.2f} (target {op} {goal}) {'met' if (value >= goal if op == '>=' else value <= goal) else 'MISSED'}"
+        for name, value, op, goal in checks
+    ]
+
+
 def format_table(rows: list[dict]) -> str:
-    lines = ["| backend | density | ms | speedup vs dense SDPA | effective TFLOP/s |", "|---|---|---|---|---|"]
+    lines = [
+        "| method | density | ms | first call ms | speedup vs dense SDPA | speedup vs compiled Flex (with gathers) | effective TFLOP/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['backend']} | {r['density']:.3f} | {r['ms']:.1f} | {r['speedup']:.2f}x | {r['tflops']:.3f} |")
+        first = "-" if r["first_call_ms"] is None else f"{r['first_call_ms']:.0f}"
+        vs_flex = f"{r['vs_flex']:.2f}x" if "vs_flex" in r else "-"
+        lines.append(f"| {r['backend']} | {r['density']:.3f} | {r['ms']:.1f} | {first} | {r['speedup']:.2f}x | {vs_flex} "
+                     f"| {r['tflops']:.3f} |")
     return "\n".join(lines)
 
 
@@ -222,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tile", type=int, nargs=3)
     parser.add_argument("--densities", type=float, nargs="+")
     parser.add_argument("--mask", choices=sorted(MASKS), default="band")
-    parser.add_argument("--backends", nargs="+", default=["torch"])
+    parser.add_argument("--backends", nargs="+", default=["torch", "flex"],
+                        help="sparse backends to time on the CPU (flex: compiled FlexAttention past its eager bound)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--warmup", type=int, default=2)
@@ -236,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         if preset in GPU_PRESETS:
             print(f"No GPU: the {preset} preset times the GPU kernels; running the CPU comparison instead.")
             preset = "cpu"
-        print("No GPU: timing the CPU path (PyTorch backend against dense SDPA).")
+        print("No GPU: timing the CPU path (the sparse backends against dense SDPA, in turns).")
     parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
     layout = TokenLayout(tuple(args.grid), args.text_len)
@@ -249,9 +328,14 @@ def main(argv: list[str] | None = None) -> None:
     else:
         rows = run(args)
         print(format_table(rows))
+        print("\n".join(check_cpu_targets(rows)))
+        load = args.load
+        print(f"other processes used {load['other_cores']:.2f} cores on average while timing; load average "
+              f"{'/'.join(f'{x:.2f}' for x in load['loadavg_before'])} before, "
+              f"{'/'.join(f'{x:.2f}' for x in load['loadavg_after'])} after")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine_info(device), "args": vars(args), "rows": rows}, f, indent=2)
+            json.dump({"machine": machine_info(device), "args": vars(args), "rows": rows}, f, indent=2, default=list)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 
 CHUNK_SCORES = 1 << 22
+# fewer query rows than this per matrix product waste the product's throughput
+MIN_CHUNK_ROWS = 64
 
 
 def block_mass_torch(
@@ -93,18 +95,24 @@ def block_mass_torch_orders(
     orders: list[tuple[torch.Tensor, torch.Tensor]],
     key_bias: torch.Tensor | None = None,
     scale: float | None = None,
+    query_rows: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """:func:`block_mass_torch` over several token orders from one pass over the scores.
 
     The scores of a query and a key do not depend on the order the blocks are cut from, so each
-    chunk's ``exp(QK^T - max)`` is computed once, in the original order, and summed into every
-    order's key blocks (columns gathered into the order) and query blocks.
+    chunk's softmax is computed once, in the original order, for every head at once, and summed
+    into every order's key blocks and query blocks. Key orders shared by every head are summed
+    through their common cells (runs of keys, consecutive in the original order, that share a block
+    in each of them): when the cells have one length this is a reshape and a sum, with no gather.
 
     Args:
         q, k: ``[B, H, S, D]`` in the original token order.
         orders: ``(q_order, kv_order)`` pairs, each ``[S]`` (shared by every head) or ``[B, H, S]``
             (``order[..., p]`` is the original position of the token at permuted position ``p``).
         key_bias: ``[B, S]`` added to the scores, in the original order (``-inf`` for padding).
+        query_rows: original positions of the queries to measure (every query block of every
+            order must hold at least one); ``None`` measures every query. A block's mass is the mean
+            over its measured queries.
 
     Returns one ``[B, H, nQ, nK]`` fp32 mass per order (rows sum to 1).
 
@@ -120,26 +128,77 @@ def block_mass_torch_orders(
     bq, bk = block_size_q, block_size_k
     n_q, n_k = -(-seq // bq), -(-seq // bk)
     scale = dim**-0.5 if scale is None else scale
-    per_head = [tuple(o.reshape((1,) * (3 - o.dim()) + tuple(o.shape)).expand(batch, heads, seq) for o in pair) for pair in orders]
-    q_block = [(torch.argsort(q_order, dim=-1) // bq) for q_order, _ in per_head]        # [B, H, S] block of each query
-    masses = [torch.zeros(batch, heads, n_q, n_k, dtype=torch.float32, device=q.device) for _ in orders]
-    rows_per_chunk = max(1, CHUNK_SCORES // seq)
-    for b in range(batch):
-        for h in range(heads):
-            kf = k[b, h].float()
-            for first in range(0, seq, rows_per_chunk):
-                rows = slice(first, min(seq, first + rows_per_chunk))
-                scores = (q[b, h, rows].float() * scale) @ kf.T
-                if key_bias is not None:
-                    scores += key_bias[b]
-                weights = (scores - scores.amax(-1, keepdim=True)).exp_()
-                weights /= weights.sum(-1, keepdim=True)
-                for i, (_, kv_order) in enumerate(per_head):
-                    gathered = _pad_last(weights.index_select(-1, kv_order[b, h]), n_k * bk)
-                    per_block = gathered.view(-1, n_k, bk).sum(-1)                              # [R, nK]
-                    masses[i][b, h].index_add_(0, q_block[i][b, h, rows], per_block)
-    queries_per_block = torch.clamp(seq - torch.arange(n_q, device=q.device) * bq, max=bq).float()
-    return [m / queries_per_block[:, None] for m in masses]
+    device = q.device
+    rows = torch.arange(seq, device=device) if query_rows is None else query_rows.to(device)
+    q_blocks = [_per_head(torch.argsort(q_order, dim=-1) // bq, batch, heads)[..., rows] for q_order, _ in orders]
+    shared = [i for i, (_, kv_order) in enumerate(orders) if kv_order.dim() == 1]
+    cells = _shared_cells([orders[i][1] for i in shared], bk) if shared else None
+    masses = torch.zeros(len(orders), batch * heads, n_q, n_k, dtype=torch.float32, device=device)
+    qf = q.reshape(batch * heads, seq, dim)
+    kf = k.float().reshape(batch * heads, seq, dim)
+    bias = None if key_bias is None else key_bias.to(device).float().repeat_interleave(heads, 0)[:, None, :]
+    heads_per_chunk = max(1, min(batch * heads, CHUNK_SCORES // (MIN_CHUNK_ROWS * seq)))
+    rows_per_chunk = max(MIN_CHUNK_ROWS, CHUNK_SCORES // (heads_per_chunk * seq))
+    for h in range(0, batch * heads, heads_per_chunk):
+        group = slice(h, h + heads_per_chunk)
+        for first in range(0, rows.numel(), rows_per_chunk):
+            chunk = slice(first, first + rows_per_chunk)
+            scores = torch.bmm(qf[group, rows[chunk]].float() * scale, kf[group].transpose(1, 2))
+            if bias is not None:
+                scores += bias[group]
+            weights = (scores - scores.amax(-1, keepdim=True)).exp_()
+            weights /= weights.sum(-1, keepdim=True)
+            groups, count = weights.shape[:2]
+            if cells is not None:
+                per_cell = weights.view(groups, count, -1, cells[0]).sum(-1)
+            for i, (_, kv_order) in enumerate(orders):
+                if cells is not None and i in shared:
+                    per_block = per_cell.new_zeros(groups, count, n_k).index_add_(2, cells[1][shared.index(i)], per_cell)
+                elif kv_order.dim() == 1:
+                    per_block = _block_sums(weights.index_select(-1, kv_order), n_k, bk)
+                else:
+                    order = kv_order.expand(batch, heads, seq).reshape(batch * heads, seq)[group]
+                    per_block = _block_sums(weights.gather(-1, order[:, None, :].expand_as(weights)), n_k, bk)
+                target = q_blocks[i][..., chunk]
+                if target.shape[0] == 1:
+                    masses[i, group].index_add_(1, target[0], per_block)
+                else:
+                    for g, bh in enumerate(range(h, h + groups)):
+                        masses[i, bh].index_add_(0, target[bh], per_block[g])
+    out = []
+    for i, blocks in enumerate(q_blocks):
+        measured = torch.zeros(blocks.shape[0], n_q, device=device)
+        measured.scatter_add_(1, blocks, torch.ones_like(blocks, dtype=torch.float32))
+        if bool((measured == 0).any()):
+            raise ValueError("query_rows must hold at least one query of every query block of every order")
+        out.append((masses[i] / measured[:, :, None]).view(batch, heads, n_q, n_k))
+    return out
+
+
+def _per_head(order: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    """``[1, S]`` for an order shared by every head, ``[B*H, S]`` for per-head orders."""
+    return order.view(1, -1) if order.dim() == 1 else order.expand(batch, heads, -1).reshape(batch * heads, -1)
+
+
+def _block_sums(x: torch.Tensor, n_blocks: int, block: int) -> torch.Tensor:
+    """``[..., S]`` summed over consecutive blocks of ``block`` (the last one padded)."""
+    return _pad_last(x, n_blocks * block).view(*x.shape[:-1], n_blocks, block).sum(-1)
+
+
+def _shared_cells(kv_orders: list[torch.Tensor], block: int) -> tuple[int, list[torch.Tensor]] | None:
+    """The cells of keys that share a block in every one of ``kv_orders`` (each ``[S]``), when they
+    are runs of one length in the original order: ``(length, [key block of each cell per order])``;
+    ``None`` when they are not."""
+    seq = kv_orders[0].shape[0]
+    block_of = torch.stack([torch.argsort(order) // block for order in kv_orders])          # [O, S]
+    starts = torch.ones(seq, dtype=torch.bool, device=block_of.device)
+    starts[1:] = (block_of[:, 1:] != block_of[:, :-1]).any(0)
+    positions = torch.nonzero(starts).squeeze(1)
+    lengths = torch.diff(positions, append=torch.tensor([seq], device=positions.device))
+    length = int(lengths[0])
+    if not bool((lengths == length).all()) or length == 1:
+        return None
+    return length, list(block_of[:, positions])
 
 
 def _pad_last(x: torch.Tensor, length: int) -> torch.Tensor:

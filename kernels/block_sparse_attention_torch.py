@@ -1,20 +1,29 @@
 """Block-sparse attention in PyTorch: the CPU fast path (and the fallback wherever Triton is absent).
 
 Only the kept blocks are computed. Query blocks are grouped by how many key blocks they attend;
-for a chunk of query blocks with the same count, their key and value blocks are gathered into small
-reused buffers (sized to stay in cache) and one batched ``scaled_dot_product_attention`` runs over
-them. Query blocks that attend every key block skip the gather and attend the keys in place.
+for a chunk of query blocks with the same count, their queries and their key and value blocks are
+gathered into small per-thread buffers (sized to stay in cache, reused across chunks and calls) and
+one batched ``scaled_dot_product_attention`` runs over them; the chunk's output is written straight
+to its rows of the result. Query blocks that attend every key block attend the keys in place.
 
-Layouts (all tensors contiguous, the sequence already in the plan's token order):
-    q, k, v      [B, H, S, D]
+The token gathers into each head's order are part of the kernel: ``q_rows`` and ``kv_rows`` say
+which row of ``x.reshape(-1, D)`` holds each (batch, head, position in the plan's order), so inputs
+in diffusers' ``(B, S, H, D)`` layout need no head-major copy, and the output comes back in ``q``'s
+layout. Keys and values are gathered once, into block-major buffers; queries chunk by chunk.
+
+Layouts (the sequence in the plan's token order unless ``q_rows``/``kv_rows`` say otherwise):
+    q, k, v      [B, H, S, D], or any contiguous tensor with rows of D when q_rows/kv_rows are given
+    q_rows       [B, H, S] int64 or None: row of q.reshape(-1, D) for query p of (b, h)
+    kv_rows      [B, H, S] int64 or None: the same for k and v
     kv_counts    [Bp, H, nQ] int   (Bp = B, or 1 to share one plan across the batch)
     kv_offsets   [Bp, H, nQ] int   start of each row in kv_indices
     kv_indices   [nnz] int         sorted key block indices of every row, rows concatenated
-    kv_valid_len [B] int or None   keys at positions >= kv_valid_len[b] are masked out
+    kv_valid_len [B] int or None   keys at (plan-order) positions >= kv_valid_len[b] are masked out
 """
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache, partial
@@ -36,10 +45,13 @@ def block_sparse_attention_torch(
     block_size_k: int,
     kv_valid_len: torch.Tensor | None = None,
     scale: float | None = None,
+    q_rows: torch.Tensor | None = None,
+    kv_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse softmax attention; query blocks with no (valid) key give zeros.
 
-    Returns ``[B, H, S, D]`` in ``q``'s dtype.
+    Returns a tensor shaped like ``q`` in ``q``'s dtype: ``[B, H, S, D]`` in the plan's order, or,
+    with ``q_rows``, each result in the row its query came from.
 
     Example::
 
@@ -49,44 +61,98 @@ def block_sparse_attention_torch(
         >>> out.shape
         torch.Size([1, 1, 100, 16])
     """
-    batch, heads, seq, dim = q.shape
+    dim = q.shape[-1]
+    q_rows = _identity_rows(q) if q_rows is None else q_rows
+    batch, heads, seq = q_rows.shape
     bq, bk = block_size_q, block_size_k
     n_q, n_k = -(-seq // bq), -(-seq // bk)
     counts = kv_counts.expand(batch, -1, -1).reshape(-1).long()
     offsets = kv_offsets.expand(batch, -1, -1).reshape(-1)
     indices = kv_indices.long()
 
-    q_blocks = _pad_seq(q, n_q * bq).view(batch * heads * n_q, bq, dim)
-    k_blocks = _pad_seq(k, n_k * bk).view(batch * heads * n_k, bk * dim)
-    v_blocks = _pad_seq(v, n_k * bk).view(batch * heads * n_k, bk * dim)
-    key_ok = _valid_keys(batch, seq, n_k * bk, kv_valid_len, q.device).view(batch, n_k, bk)
+    q_src = q.contiguous().view(-1, dim)
+    rows_out = q_src.shape[0]
+    # padded query positions read any real row and write to a spare row past the end of the output
+    q_index = _pad_positions(q_rows, n_q * bq, q_rows[..., :1]).view(batch * heads * n_q, bq)
+    out_index = _pad_positions(q_rows, n_q * bq, rows_out).view(batch * heads * n_q, bq)
+    if kv_rows is None and seq == n_k * bk:
+        k_blocks, v_blocks = (x.contiguous().view(batch * heads * n_k, bk * dim) for x in (k, v))
+    else:
+        kv_rows = _identity_rows(k) if kv_rows is None else kv_rows
+        kv_index = _pad_positions(kv_rows, n_k * bk, kv_rows[..., :1]).reshape(-1)
+        k_blocks, v_blocks = (
+            x.contiguous().view(-1, dim).index_select(0, kv_index).view(batch * heads * n_k, bk * dim) for x in (k, v)
+        )
+    limit = _valid_limit(batch, seq, kv_valid_len, q.device)
+    key_ok = (torch.arange(n_k * bk, device=q.device)[None, :] < limit[:, None]).view(batch, n_k, bk)
 
     live = counts > 0
     if kv_valid_len is not None:
         live &= _attends_valid_key(counts, offsets, indices, key_ok.any(-1), heads * n_q)
 
-    out = torch.zeros(batch * heads * n_q, bq, dim, dtype=q.dtype, device=q.device)
+    out = q_src.new_empty(rows_out + 1, dim)
+    dead = torch.nonzero(~live).squeeze(1)
+    if dead.numel():
+        out.index_fill_(0, out_index[dead].reshape(-1), 0)
     full = live & (counts == n_k)
-    _attend_full_rows(q_blocks, k, v, key_ok, full, out, heads, n_q, scale)
+    _attend_full_rows(q_src, q_index, out_index, k_blocks, v_blocks, limit, full, out, heads, n_q, scale)
 
     sparse_rows = torch.nonzero(live & ~full).squeeze(1)
     if sparse_rows.numel():
         chunks = _chunks(sparse_rows, counts[sparse_rows], bk * dim)
         work = partial(
-            _attend_gathered, q_blocks, k_blocks, v_blocks, key_ok, offsets, indices, out, heads, n_q, n_k, scale
+            _attend_gathered, q_src, q_index, out_index, k_blocks, v_blocks, key_ok, offsets, indices, out,
+            heads, n_q, n_k, scale, chunks,
         )
         workers = min(torch.get_num_threads(), len(chunks)) if q.device.type == "cpu" else 1
         if workers == 1:
-            work(chunks)
+            work(iter(range(len(chunks))))
         else:
+            # each worker takes the next chunk when it is free: a worker descheduled by another job
+            # on the machine holds up one chunk, not a fixed share of them
+            shared = _SharedCounter(len(chunks))
             with _single_threaded_ops():
-                list(_pool(workers).map(work, [chunks[i::workers] for i in range(workers)]))
-    return out.view(batch, heads, n_q * bq, dim)[:, :, :seq]
+                list(_pool(workers).map(lambda _: work(shared), range(workers)))
+    return out[:rows_out].view(q.shape)
+
+
+def _identity_rows(x: torch.Tensor) -> torch.Tensor:
+    batch, heads, seq, _ = x.shape
+    return torch.arange(batch * heads * seq, device=x.device).view(batch, heads, seq)
+
+
+def _pad_positions(rows: torch.Tensor, length: int, fill: torch.Tensor | int) -> torch.Tensor:
+    """``[B*H, length]``: ``rows`` with the positions past the sequence set to ``fill`` (an int, or
+    one value per (batch, head))."""
+    batch, heads, seq = rows.shape
+    rows = rows.reshape(batch * heads, seq)
+    if length == seq:
+        return rows
+    fill = torch.as_tensor(fill, device=rows.device).reshape(-1, 1).expand(batch * heads, length - seq)
+    return torch.cat([rows, fill], 1)
+
+
+class _SharedCounter:
+    """Chunk numbers ``0 .. n-1``, each handed to exactly one of the threads iterating over it."""
+
+    def __init__(self, n: int) -> None:
+        self._next, self._n, self._lock = 0, n, threading.Lock()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> int:
+        with self._lock:
+            if self._next == self._n:
+                raise StopIteration
+            self._next += 1
+            return self._next - 1
 
 
 def _chunks(rows: torch.Tensor, counts: torch.Tensor, block_elements: int) -> list[tuple[int, torch.Tensor]]:
-    """Rows grouped by key-block count, cut so that each chunk gathers about CHUNK_ELEMENTS."""
-    order = torch.argsort(counts, stable=True)
+    """Rows grouped by key-block count, cut so that each chunk gathers about CHUNK_ELEMENTS; the
+    largest counts first."""
+    order = torch.argsort(counts, descending=True, stable=True)
     rows, counts = rows[order], counts[order]
     values, sizes = torch.unique_consecutive(counts, return_counts=True)
     chunks = []
@@ -96,28 +162,50 @@ def _chunks(rows: torch.Tensor, counts: torch.Tensor, block_elements: int) -> li
     return chunks
 
 
-def _attend_gathered(q_blocks, k_blocks, v_blocks, key_ok, offsets, indices, out, heads, n_q, n_k, scale, chunks):
-    """For each chunk of rows that attend ``count`` key blocks each: gather their key and value
-    blocks into buffers reused across chunks, and attend."""
-    bk, dim = key_ok.shape[-1], q_blocks.shape[-1]
+def _attend_gathered(
+    q_src, q_index, out_index, k_blocks, v_blocks, key_ok, offsets, indices, out, heads, n_q, n_k, scale, chunks, todo
+):
+    """For each chunk number in ``todo`` (rows that attend ``count`` key blocks each): gather the
+    chunk's queries and key and value blocks into this thread's buffers, attend, and write its rows
+    of the output."""
+    bq, bk, dim = q_index.shape[1], key_ok.shape[-1], q_src.shape[1]
     size = max(count * r.numel() for count, r in chunks)
-    k_buf = k_blocks.new_empty(size, k_blocks.shape[1])
-    v_buf = torch.empty_like(k_buf)
-    for count, r in chunks:
+    q_buf = _buffer("q", max(r.numel() for _, r in chunks) * bq * dim, q_src)
+    k_buf = _buffer("k", size * bk * dim, q_src)
+    v_buf = _buffer("v", size * bk * dim, q_src)
+    for i in todo:
+        count, r = chunks[i]
         n = r.numel()
         blocks = indices[offsets[r][:, None] + torch.arange(count, device=r.device)]
         bh = r // n_q
         src = (bh[:, None] * n_k + blocks).reshape(-1)
-        ks, vs = k_buf[: n * count], v_buf[: n * count]
+        qs = q_buf[: n * bq * dim].view(n * bq, dim)
+        ks = k_buf[: n * count * bk * dim].view(n * count, bk * dim)
+        vs = v_buf[: n * count * bk * dim].view(n * count, bk * dim)
+        torch.index_select(q_src, 0, q_index[r].reshape(-1), out=qs)
         torch.index_select(k_blocks, 0, src, out=ks)
         torch.index_select(v_blocks, 0, src, out=vs)
         mask = key_ok[(bh // heads)[:, None], blocks]
         mask = None if bool(mask.all()) else mask.reshape(n, 1, 1, count * bk)
         o = F.scaled_dot_product_attention(
-            q_blocks[r].unsqueeze(1), ks.view(n, 1, count * bk, dim), vs.view(n, 1, count * bk, dim),
+            qs.view(n, 1, bq, dim), ks.view(n, 1, count * bk, dim), vs.view(n, 1, count * bk, dim),
             attn_mask=mask, scale=scale,
         )
-        out.index_copy_(0, r, o.squeeze(1))
+        out.index_copy_(0, out_index[r].reshape(-1), o.view(n * bq, dim))
+
+
+_BUFFERS = threading.local()
+
+
+def _buffer(name: str, elements: int, like: torch.Tensor) -> torch.Tensor:
+    """A flat scratch buffer of at least ``elements``, kept per thread, dtype and device so that
+    chunks and calls reuse it (never shared between threads)."""
+    store = _BUFFERS.__dict__.setdefault("store", {})
+    key = (name, like.dtype, like.device)
+    buf = store.get(key)
+    if buf is None or buf.numel() < elements:
+        buf = store[key] = like.new_empty(elements)
+    return buf
 
 
 @contextmanager
@@ -137,35 +225,43 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dit-sparse")
 
 
-def _attend_full_rows(q_blocks, k, v, key_ok, full, out, heads, n_q, scale):
-    """Rows that attend every key block: one SDPA per (batch, head) over the keys in place."""
+def _attend_full_rows(q_src, q_index, out_index, k_blocks, v_blocks, limit, full, out, heads, n_q, scale):
+    """Rows that attend every key block, over the valid keys in place (in plan order they are a
+    prefix): heads whose every row is full and whose batch elements have as many valid keys in one
+    SDPA call, each other head in a call of its own."""
     if not bool(full.any()):
         return
-    batch, _, seq, dim = k.shape
-    bq = q_blocks.shape[1]
-    full = full.view(batch * heads, n_q)
-    for bh in torch.nonzero(full.any(-1)).squeeze(1).tolist():
-        rows = torch.nonzero(full[bh]).squeeze(1) + bh * n_q
-        b, h = divmod(bh, heads)
-        mask = key_ok[b].reshape(-1)[:seq]
-        mask = None if bool(mask.all()) else mask.view(1, 1, 1, seq)
-        o = F.scaled_dot_product_attention(
-            q_blocks[rows].reshape(1, 1, -1, dim), k[b, h][None, None], v[b, h][None, None],
-            attn_mask=mask, scale=scale,
-        )
-        out.index_copy_(0, rows, o.view(-1, bq, dim))
+    dim = q_src.shape[1]
+    keys = k_blocks.view(full.numel() // n_q, -1, dim)
+    values = v_blocks.view_as(keys)
+    full = full.view(-1, n_q)
+    valid = limit.repeat_interleave(heads)
+    whole = full.all(-1)
+    blocks = torch.arange(n_q, device=full.device)
+    calls = [(group, (group[:, None] * n_q + blocks).reshape(-1))
+             for group in (torch.nonzero(whole & (valid == n)).squeeze(1) for n in torch.unique(valid[whole]).tolist())]
+    calls += [(bh[None], torch.nonzero(full[bh]).squeeze(1) + bh * n_q) for bh in torch.nonzero(full.any(-1) & ~whole).squeeze(1)]
+    for group, rows in calls:
+        n = int(valid[group[0]])
+        qs = q_src.index_select(0, q_index[rows].reshape(-1)).view(1, len(group), -1, dim)
+        o = F.scaled_dot_product_attention(qs, _heads(keys, group, n), _heads(values, group, n), scale=scale)
+        out.index_copy_(0, out_index[rows].reshape(-1), o.view(-1, dim))
 
 
-def _pad_seq(x: torch.Tensor, length: int) -> torch.Tensor:
-    x = x.contiguous()
-    return x if x.shape[2] == length else F.pad(x, (0, 0, 0, length - x.shape[2]))
+def _heads(x: torch.Tensor, group: torch.Tensor, length: int) -> torch.Tensor:
+    """``x[group, :length]`` as ``[1, G, length, D]``: a view when the heads are consecutive."""
+    first, last = int(group[0]), int(group[-1])
+    if last - first + 1 == len(group):
+        return x[first : last + 1, :length][None]
+    return x[group, :length][None]
 
 
-def _valid_keys(batch: int, seq: int, padded: int, kv_valid_len, device) -> torch.Tensor:
+def _valid_limit(batch: int, seq: int, kv_valid_len, device) -> torch.Tensor:
+    """``[B]``: how many keys (a prefix in plan order) each batch element may attend."""
     limit = torch.full((batch,), seq, dtype=torch.long, device=device)
     if kv_valid_len is not None:
         limit = torch.clamp(kv_valid_len.to(device).long(), max=seq)
-    return torch.arange(padded, device=device)[None, :] < limit[:, None]
+    return limit
 
 
 def _attends_valid_key(counts, offsets, indices, block_has_key, rows_per_batch) -> torch.Tensor:

@@ -1,6 +1,9 @@
 """The Gradio demo: its generate logic called directly, the app served on 127.0.0.1 and driven with
 gradio_client, bad input, failures half-way, and the command line. A tiny offline Wan model."""
 
+import threading
+import time
+
 import imageio.v3 as iio
 import pytest
 import torch
@@ -215,3 +218,108 @@ def test_the_reference_model_offers_its_prompts_and_the_detector_reads_both_vide
         assert "The clip detector reads the dense video as" in _details(result)
     finally:
         session.close()
+
+
+# Concurrent requests: each its own seed, pattern, budget and dense steps, so that a request that saw
+# another's settings or plans would show it in its output.
+CONCURRENT = [
+    (21, "adaptive", "density", 0.5, 1),
+    (22, "radial", "top_p", 0.9, 2),
+    (23, "spatiotemporal", "density", 0.3, 1),
+    (24, "dense", "density", 0.5, 1),
+]
+
+
+def generate_args(seed, pattern, budget, value, dense_steps):
+    return ("a fox in the snow", seed, SPEC.frames, SPEC.height, SPEC.width, SPEC.steps, pattern, budget, value,
+            dense_steps)
+
+
+def submit_in_order(client, requests):
+    """Submit every request before the first finishes, each one once the queue has taken the previous."""
+    from gradio_client.utils import Status
+
+    jobs = []
+    for request in requests:
+        job = client.submit(*generate_args(*request), api_name="/generate")
+        while job.status().code in (Status.STARTING, Status.JOINING_QUEUE) and not job.done():
+            time.sleep(0.01)
+        jobs.append(job)
+    return jobs
+
+
+def what_it_shows(outputs):
+    """What a generation's output depends on (its settings and plans), without timings or cache notes."""
+    (_, sparse_video, _, _, _, psnr, ssim, details, _, layer, head, _) = outputs
+    dense_steps = details.split("Sparse: ")[1].split(" steps dense")[0]
+    return iio.imread(sparse_video, plugin="FFMPEG").tobytes(), psnr, ssim, dense_steps, layer["choices"], head["choices"]
+
+
+class GenerateCalls(list):
+    """``(event, seed)`` for every start and end of a generation; generations wait for ``all_queued``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.all_queued = threading.Event()
+
+
+@pytest.fixture
+def generate_calls(session, monkeypatch):
+    """The session's generations during the test, held back until the test has queued every request
+    (so that they are in the queue together, whatever the machine's speed)."""
+    calls = GenerateCalls()
+    generate = session.generate
+
+    def recorded(request):
+        assert calls.all_queued.wait(JOB_TIMEOUT_S)
+        calls.append(("start", request.seed))
+        try:
+            return generate(request)
+        finally:
+            calls.append(("end", request.seed))
+
+    monkeypatch.setattr(session, "generate", recorded)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def alone(client):
+    """What each of CONCURRENT shows when it is the only request."""
+    return {request[0]: what_it_shows(client.submit(*generate_args(*request), api_name="/generate")
+                                      .result(timeout=JOB_TIMEOUT_S)) for request in CONCURRENT}
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_concurrent_requests_all_complete_in_order_each_with_its_own_settings(client, alone, generate_calls, model,
+                                                                              count):
+    requests = CONCURRENT[:count]
+    jobs = submit_in_order(client, requests)
+    generate_calls.all_queued.set()
+    results = [job.result(timeout=JOB_TIMEOUT_S * count) for job in jobs]
+    seeds = [request[0] for request in requests]
+    assert generate_calls == [(event, seed) for seed in seeds for event in ("start", "end")]   # one at a time, FIFO
+    for request, outputs in zip(requests, results):
+        assert what_it_shows(outputs) == alone[request[0]]
+    assert is_stock(model)
+
+
+def test_a_failing_request_among_concurrent_ones_leaves_the_next_working(client, alone, generate_calls, model,
+                                                                         monkeypatch):
+    summaries = []
+
+    def second_fails(*args):
+        summaries.append(1)
+        if len(summaries) == 2:
+            raise RuntimeError("planner crashed")
+        return summarize(*args)
+
+    summarize = demo.summarize_sparse_run
+    monkeypatch.setattr(demo, "summarize_sparse_run", second_fails)
+    first, failing, after = submit_in_order(client, CONCURRENT[:3])
+    generate_calls.all_queued.set()
+    assert what_it_shows(first.result(timeout=JOB_TIMEOUT_S * 3)) == alone[CONCURRENT[0][0]]
+    with pytest.raises(AppError, match="RuntimeError: planner crashed"):
+        failing.result(timeout=JOB_TIMEOUT_S * 3)
+    assert what_it_shows(after.result(timeout=JOB_TIMEOUT_S * 3)) == alone[CONCURRENT[2][0]]
+    assert [seed for event, seed in generate_calls if event == "end"] == [21, 22, 23]
+    assert is_stock(model)
