@@ -124,7 +124,7 @@ def _ltx_transformer(mesh: Any) -> dict[str, Any]:
     def steps() -> torch.Tensor:
         outputs = []
         for t in (900.0, 600.0, 300.0):
-            with transformer.cache_context("cond_uncond"):
+            with torch.no_grad(), transformer.cache_context("cond_uncond"):
                 outputs.append(transformer(**inputs, timestep=torch.full((2,), t))[0])
         return torch.stack(outputs)
 
