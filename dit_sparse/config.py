@@ -69,6 +69,10 @@ class SparseAttentionConfig:
             semantic family; ``None`` scales them with the video (one per 256 queries and one per 64
             keys, SVG2's ratio at 720p).
         kmeans_iters: Lloyd iterations of that clustering.
+        balance_heads: under Ulysses context parallelism, hand each layer's heads to the ranks so
+            that their shares of the sparse attention FLOPs are as even as the plans allow (heads
+            left dense otherwise weigh on whichever rank holds them); the same output, one extra
+            gather of each plan at calibration. No effect in one process.
 
     Example::
 
@@ -101,6 +105,7 @@ class SparseAttentionConfig:
     query_clusters: int | None = None
     key_clusters: int | None = None
     kmeans_iters: int = 10
+    balance_heads: bool = False
 
     def __post_init__(self) -> None:
         if self.pattern not in PATTERNS:
@@ -150,7 +155,7 @@ class SparseAttentionConfig:
             raise ValueError(f"pattern='radial_paper' needs equal query and key blocks, got {self.block_size!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
-        for name in ("per_context_plans", "reuse_plans"):
+        for name in ("per_context_plans", "reuse_plans", "balance_heads"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("query_clusters", "key_clusters"):

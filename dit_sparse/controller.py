@@ -10,14 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .attention import sparse_attention
 from .config import SparseAttentionConfig
 from .layout import TokenLayout
+from .plan import BlockSparsePlan
 from .plan_cache import CachedPlan, PlanCache, PlanKey
-from .planner import build_plan
+from .planner import PlanReport, build_plan
 from .schedule import Phase, StepClock, StepSchedule
 from .stats import PlanStats, SparseRunStats, StepStats
+from .ulysses import UlyssesGroup, balanced_head_order
 
 SHARED_CONTEXT = "shared"
 NO_CONTEXT = "default"
@@ -46,6 +49,10 @@ class SparseAttentionController:
         model: what the wrapped transformers are (written into and checked against plan files).
         total_steps: where the run's length comes from when a call's cache context does not say
             (e.g. the pipeline's scheduler); returns ``None`` when unknown.
+        ulysses: under Ulysses context parallelism, the group the heads are split over: every
+            self-attention call then passes this rank's sequence shard of every head, calibration
+            and the sparse op see the whole sequence of this rank's heads, and plans, plan files and
+            statistics cover every head, as with one process.
 
     Example::
 
@@ -68,8 +75,10 @@ class SparseAttentionController:
         config: SparseAttentionConfig,
         model: dict[str, Any] | None = None,
         total_steps: Callable[[], int | None] | None = None,
+        ulysses: UlyssesGroup | None = None,
     ) -> None:
         self.config = config
+        self.ulysses = ulysses
         self.model = model or {}
         self.plans = PlanCache()
         self.force_dense = False
@@ -149,18 +158,19 @@ class SparseAttentionController:
         """Self-attention of layer ``layer``: ``dense()`` (the stock attention call) or sparse
         attention over the cached plan, calibrating one from ``query`` and ``key`` when due.
 
-        ``query``, ``key``, ``value`` are ``(B, S, H, D)`` exactly as the stock call sees them; the
-        result is what ``dense()`` returns, in the same layout.
+        ``query``, ``key``, ``value`` are ``(B, S, H, D)`` exactly as the stock call sees them (under
+        Ulysses, ``(B, S/P, H, D)``: this rank's sequence shard); the result is what ``dense()``
+        returns, in the same layout.
         """
         call = self._calls.get(transformer)
         if call is None:
             return dense()
-        if self.force_dense:
-            call.record.dense += 1
-            return dense()
-        phase = self._schedule.phase(call.step, call.first_step, layer)
+        ranks = 1 if self.ulysses is None else self.ulysses.size
+        flops = 4 * query.shape[0] * call.layout.seq_len**2 * query.shape[3] * query.shape[2] / ranks
+        phase = Phase.DENSE if self.force_dense else self._schedule.phase(call.step, call.first_step, layer)
         if phase is Phase.DENSE:
             call.record.dense += 1
+            call.record.add_flops([flops] * ranks)
             return dense()
         plan_key = PlanKey(transformer, layer, call.plan_context, call.layout.geometry)
         entry = self.plans.get(plan_key)
@@ -168,29 +178,59 @@ class SparseAttentionController:
         if phase is Phase.CALIBRATE:
             out = dense()
             call.record.dense += 1
+            call.record.add_flops([flops] * ranks)
             if due:
-                self._calibrate(plan_key, call, query, key, value)
+                self._calibrate(plan_key, call, *self._to_heads(call, query, key, value))
             return out
+        heads = None
         if due:  # the layer did not run at its calibration step (a step cache skipped it): calibrate now
-            entry = self._calibrate(plan_key, call, query, key, value)
+            heads = self._to_heads(call, query, key, value)
+            entry = self._calibrate(plan_key, call, *heads)
         if entry.plan.device != query.device:
             self.plans.to(query.device)
+        if heads is None or entry.head_order is not None:
+            heads = self._to_heads(call, query, key, value, entry.head_order)
         call.record.add_sparse(entry.density)
-        return sparse_attention(query, key, value, entry.plan_for(call.layout), backend=self.config.backend)
+        call.record.add_flops([flops * density for density in entry.rank_density])
+        out = sparse_attention(*heads, entry.plan_for(call.layout), backend=self.config.backend)
+        return self._to_sequence(call, out, entry.head_order)
 
     # ----------------------------------------------------------------- plans
 
     def save_plans(self, path: str | Path) -> None:
-        """Write the cached plans to a safetensors file (with the model, layouts and config)."""
-        self.plans.save(path, self.model, self.config.plan_signature())
+        """Write the cached plans to a safetensors file (with the model, layouts and config).
+
+        Under Ulysses every rank calls it: the file holds every head and the group's first rank
+        writes it; it loads under any number of ranks, one included.
+        """
+        if self.ulysses is None:
+            self.plans.save(path, self.model, self.config.plan_signature())
+            return
+        if not len(self.plans):
+            raise ValueError("there are no plans to save: run the pipeline once (past the calibration step) first")
+        whole = self._whole_layer_plans()
+        if self.ulysses.rank == 0:
+            whole.save(path, self.model, self.config.plan_signature())
+        dist.barrier(group=self.ulysses.group)
 
     def load_plans(self, path: str | Path) -> int:
         """Load plans saved by :meth:`save_plans`; they skip calibration. Returns how many.
 
+        Under Ulysses every rank calls it and keeps its own heads of every plan.
+
         Raises ``ValueError`` naming what differs when the file is for another model or config; a
         call at a layout the file has no plans for is refused later, at that call.
         """
-        count = self.plans.load(path, self.model, self.config.plan_signature())
+        if self.ulysses is None:
+            count = self.plans.load(path, self.model, self.config.plan_signature())
+        else:
+            whole = PlanCache()
+            count = whole.load(path, self.model, self.config.plan_signature())
+            sliced: dict[int, tuple[BlockSparsePlan, list[float], torch.Tensor | None]] = {}
+            for key, entry in whole.items():
+                if id(entry.plan) not in sliced:
+                    sliced[id(entry.plan)] = self._rank_slice(entry.plan)
+                self.plans.put(key, sliced[id(entry.plan)][0], None, None, None, *sliced[id(entry.plan)][1:])
         self._loaded_geometries = self.plans.geometries(loaded_only=True)
         return count
 
@@ -228,13 +268,38 @@ class SparseAttentionController:
         due_step = self._schedule.calibration_step(call.step, call.first_step)
         return entry.generation == self._generation and entry.step >= due_step
 
+    def _to_heads(
+        self, call: _Call, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        head_order: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Under Ulysses, the whole sequence of this rank's heads (its slice of ``head_order`` when
+        given, else of the natural order); otherwise the tensors as they are."""
+        if self.ulysses is None:
+            return query, key, value
+        if head_order is not None:
+            query, key, value = (x.index_select(2, head_order) for x in (query, key, value))
+        return tuple(self.ulysses.to_heads(x, call.layout) for x in (query, key, value))
+
+    def _to_sequence(self, call: _Call, out: torch.Tensor, head_order: torch.Tensor | None) -> torch.Tensor:
+        """The inverse of :meth:`_to_heads` for the attention output."""
+        if self.ulysses is None:
+            return out
+        out = self.ulysses.to_sequence(out, call.layout)
+        return out if head_order is None else out.index_select(2, TokenLayout.inverse(head_order))
+
     def _calibrate(
         self, plan_key: PlanKey, call: _Call, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> CachedPlan:
         plan, report = build_plan(
-            query, key, call.layout, self.config, share_batch=not self.config.per_context_plans, v=value
+            query, key, call.layout, self.config, share_batch=not self.config.per_context_plans, v=value,
+            ulysses=self.ulysses,
         )
-        entry = self.plans.put(plan_key, plan, report, self._generation, call.step)
+        rank_density, head_order = None, None
+        if self.ulysses is not None:
+            report, rank_density = _whole_layer_report(report, self.ulysses)
+            if self.config.balance_heads:
+                plan, rank_density, head_order = self._rank_slice(self._gather_heads(plan))
+        entry = self.plans.put(plan_key, plan, report, self._generation, call.step, rank_density, head_order)
         call.record.calibrations += 1
         self._stats.plans.append(PlanStats(
             transformer=plan_key.transformer, layer=plan_key.layer, context=plan_key.context, step=call.step,
@@ -243,6 +308,50 @@ class SparseAttentionController:
             error=None if report.error is None else report.error.tolist(),
         ))
         return entry
+
+    def _gather_heads(self, plan: BlockSparsePlan) -> BlockSparsePlan:
+        """Every rank's heads of ``plan``, in rank order (a collective: every rank calls it)."""
+        parts = self.ulysses.gather_objects({name: t.cpu() for name, t in plan.tensors().items()})
+        blocks = (plan.block_size_q, plan.block_size_k)
+        return BlockSparsePlan.concat_heads(
+            [BlockSparsePlan.from_tensors(part, plan.layout, blocks) for part in parts]
+        ).to(plan.device)
+
+    def _whole_layer_plans(self) -> PlanCache:
+        """Every cached plan with every rank's heads, in the natural head order (a collective). One
+        gather per entry: two entries may share a plan on one rank and not on another."""
+        whole = PlanCache()
+        for key, entry in self.plans.items():
+            plan = self._gather_heads(entry.plan)
+            if entry.head_order is not None:
+                plan = plan.select_heads(TokenLayout.inverse(entry.head_order).tolist())
+            whole.put(key, plan, entry.report, entry.generation, entry.step)
+        return whole
+
+    def _rank_slice(self, plan: BlockSparsePlan) -> tuple[BlockSparsePlan, list[float], torch.Tensor | None]:
+        """This rank's heads of a plan of every head, the density of every rank's heads, and the head
+        order the ranks hold slices of (``None``: natural; balanced with ``config.balance_heads``)."""
+        per_head = plan.density(per_head=True)
+        order = None
+        if self.config.balance_heads:
+            order = balanced_head_order(per_head.sum(0), self.ulysses.size).to(plan.device)
+            per_head = per_head.index_select(1, order.to(per_head.device))
+        heads = self.ulysses.heads(plan.num_heads)
+        mine = list(heads) if order is None else order[heads.start : heads.stop].tolist()
+        rank_density = per_head.view(per_head.shape[0], self.ulysses.size, -1).mean((0, 2)).tolist()
+        return plan.select_heads(mine), rank_density, order
+
+
+def _whole_layer_report(report: PlanReport, ulysses: UlyssesGroup) -> tuple[PlanReport, list[float]]:
+    """The report of every rank's heads (in head order) and the mean density of each rank's heads."""
+    parts = ulysses.gather_objects((
+        report.family, report.recall.cpu(), report.density.cpu(), None if report.error is None else report.error.cpu()
+    ))
+    family = [sum((part[0][b] for part in parts), []) for b in range(len(report.family))]
+    recall, density = (torch.cat([part[i] for part in parts], -1) for i in (1, 2))
+    error = None if report.error is None else torch.cat([part[3] for part in parts], -1)
+    whole = PlanReport(family, recall, density, report.seconds, error)
+    return whole, [float(part[2].double().mean()) for part in parts]
 
 
 def _describe(geometries) -> str:

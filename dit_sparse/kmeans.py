@@ -14,6 +14,8 @@ def kmeans(
     iters: int,
     seed: int = 0,
     init: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    total_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means (Euclidean) over each group of points.
 
@@ -24,6 +26,9 @@ def kmeans(
         seed: seeds the k-means++ choice of initial centroids when ``init`` is None (made on a
             random subsample of ``SEEDING_POINTS_PER_CLUSTER`` points per cluster).
         init: ``[G, C, D]`` centroids to start from (warm start from an earlier clustering).
+        rows, total_rows: the groups are rows ``rows`` (``[G]``) of a call with ``total_rows`` groups
+            (e.g. one rank's heads under context parallelism): each group is seeded, and the points
+            are chunked, exactly as in that call. Default: the groups are the whole call.
 
     Returns ``labels [G, N]`` (int64) and ``centroids [G, C, D]`` (fp32); labels are the final
     assignment to the returned centroids. A cluster that loses all its points keeps its centroid.
@@ -40,26 +45,31 @@ def kmeans(
     if not 1 <= num_clusters <= points:
         raise ValueError(f"kmeans needs 1 <= num_clusters <= {points} points, got {num_clusters}")
     x = x.float()
+    if rows is None:
+        rows, total_rows = torch.arange(groups), groups
     if init is None:
-        centroids = _kmeans_plus_plus(x, num_clusters, torch.Generator().manual_seed(seed))
+        centroids = _kmeans_plus_plus(x, num_clusters, torch.Generator().manual_seed(seed), rows.cpu(), total_rows)
     else:
         if init.shape != (groups, num_clusters, dim):
             raise ValueError(f"init must be [G, C, D] = {(groups, num_clusters, dim)}, got {tuple(init.shape)}")
         centroids = init.float().to(x.device)
     for _ in range(iters):
-        centroids = _update(x, _assign(x, centroids), centroids)
-    return _assign(x, centroids), centroids
+        centroids = _update(x, _assign(x, centroids, total_rows), centroids, total_rows)
+    return _assign(x, centroids, total_rows), centroids
 
 
-def _kmeans_plus_plus(x: torch.Tensor, num_clusters: int, generator: torch.Generator) -> torch.Tensor:
+def _kmeans_plus_plus(
+    x: torch.Tensor, num_clusters: int, generator: torch.Generator, rows: torch.Tensor, total_rows: int
+) -> torch.Tensor:
     """k-means++ seeding on a random subsample: each next centroid is a point drawn with probability
     proportional to its squared distance from the centroids so far. Draws come from a CPU
-    generator, so the seeding is the same on every device."""
+    generator, so the seeding is the same on every device; group ``g`` takes row ``rows[g]`` of
+    draws made for ``total_rows`` groups."""
     groups, points, dim = x.shape
     size = min(points, SEEDING_POINTS_PER_CLUSTER * num_clusters)
-    sample = torch.rand(groups, points, generator=generator).argsort(-1)[:, :size].to(x.device)
+    sample = torch.rand(total_rows, points, generator=generator)[rows].argsort(-1)[:, :size].to(x.device)
     pool = x.gather(1, sample[..., None].expand(-1, -1, dim))
-    draws = torch.rand(groups, num_clusters, generator=generator).to(x.device)
+    draws = torch.rand(total_rows, num_clusters, generator=generator)[rows].to(x.device)
     rows = torch.arange(groups, device=x.device)
     centroids = torch.empty(groups, num_clusters, dim, device=x.device)
     centroids[:, 0] = pool[:, 0]
@@ -72,24 +82,27 @@ def _kmeans_plus_plus(x: torch.Tensor, num_clusters: int, generator: torch.Gener
     return centroids
 
 
-def _assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Nearest centroid of every point, in chunks of points so the score matrix stays small."""
+def _assign(x: torch.Tensor, centroids: torch.Tensor, chunk_groups: int) -> torch.Tensor:
+    """Nearest centroid of every point, in chunks of points (sized for ``chunk_groups`` groups) so the
+    score matrix stays small."""
     half_norm = 0.5 * (centroids * centroids).sum(-1)
     labels = torch.empty(x.shape[:2], dtype=torch.long, device=x.device)
-    step = max(1, CHUNK_SCORES // (x.shape[0] * centroids.shape[1]))
+    step = max(1, CHUNK_SCORES // (chunk_groups * centroids.shape[1]))
     for first in range(0, x.shape[1], step):
         scores = torch.baddbmm(-half_norm[:, None, :], x[:, first : first + step], centroids.transpose(1, 2))
         labels[:, first : first + step] = scores.argmax(-1)
     return labels
 
 
-def _update(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+def _update(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, chunk_groups: int) -> torch.Tensor:
     """Mean of each cluster's points; empty clusters stay put. Sums are products with a one-hot
-    assignment (no atomic adds), so they do not depend on thread timing on any device."""
+    assignment (no atomic adds), so they do not depend on thread timing on any device; the chunks
+    of points they add up are sized for ``chunk_groups`` groups, so they add in the same order
+    whichever share of those groups is clustered."""
     groups, num_clusters, _ = centroids.shape
     sums = torch.zeros_like(centroids)
     counts = torch.zeros(groups, num_clusters, 1, device=x.device)
-    step = max(1, CHUNK_SCORES // (groups * num_clusters))
+    step = max(1, CHUNK_SCORES // (chunk_groups * num_clusters))
     for first in range(0, x.shape[1], step):
         chunk = labels[:, first : first + step, None]
         one_hot = torch.zeros(groups, chunk.shape[1], num_clusters, device=x.device).scatter_(2, chunk, 1.0)

@@ -262,6 +262,47 @@ class BlockSparsePlan:
             orders["q"], orders["kv"],
         )
 
+    def select_heads(self, heads: Sequence[int]) -> BlockSparsePlan:
+        """The plan of the given heads, in that order (e.g. one rank's slice under context
+        parallelism).
+
+        Example::
+
+            >>> layout = TokenLayout((2, 8, 8))
+            >>> mask = torch.rand(4, 4, 4) < 0.5
+            >>> plan = BlockSparsePlan.from_block_mask(mask, layout, 32)
+            >>> bool((plan.select_heads(range(2, 4)).to_block_mask() == mask[None, 2:]).all())
+            True
+        """
+        index = torch.tensor(list(heads), dtype=torch.long, device=self.device)
+
+        def pick(order: torch.Tensor | None) -> torch.Tensor | None:
+            return order if order is None or order.shape[1] == 1 else order.index_select(1, index)
+
+        return BlockSparsePlan.from_block_mask(
+            self.to_block_mask().index_select(1, index), self.layout, (self.block_size_q, self.block_size_k),
+            q_order=pick(self.q_order), kv_order=pick(self.kv_order),
+        )
+
+    @staticmethod
+    def concat_heads(plans: Sequence[BlockSparsePlan]) -> BlockSparsePlan:
+        """One plan whose heads are the given plans' heads, in order (e.g. every rank's slice under
+        context parallelism); the plans share layout, block size and batch size."""
+        first = plans[0]
+        for p in plans:
+            if p.batch_size != first.batch_size or p.layout.geometry != first.layout.geometry or (
+                (p.block_size_q, p.block_size_k) != (first.block_size_q, first.block_size_k)
+            ):
+                raise ValueError("concat_heads takes plans of one batch size, layout and block size")
+        orders = {}
+        for which in ("q", "kv"):
+            explicit = any(getattr(p, f"{which}_order") is not None for p in plans)
+            orders[which] = torch.cat([p.order(which, first.batch_size) for p in plans], 1) if explicit else None
+        return BlockSparsePlan.from_block_mask(
+            torch.cat([p.to_block_mask() for p in plans], 1), first.layout, (first.block_size_q, first.block_size_k),
+            q_order=orders["q"], kv_order=orders["kv"],
+        )
+
     def __repr__(self) -> str:
         return (
             f"BlockSparsePlan(grid={self.layout.grid}, text={self.layout.text_len}, batch={self.batch_size}, "

@@ -39,7 +39,12 @@ class CachedPlan:
     Attributes:
         plan: the plan as built or loaded.
         fingerprint: a cheap summary of its contents (equal plans have equal fingerprints).
-        density: its density (computed once).
+        density: its density (computed once): under context parallelism, the whole layer's, not
+            only this rank's heads'.
+        rank_density: the mean density of each Ulysses rank's heads, in rank order (one entry
+            without context parallelism).
+        head_order: under Ulysses with balanced heads, the order of the layer's heads whose
+            consecutive slices the ranks hold (``None``: the natural order).
         report: the planner's report (``None`` for a loaded plan).
         generation: the generation that calibrated it; ``None`` for a loaded plan, which serves
             every generation and is never recalibrated.
@@ -49,9 +54,11 @@ class CachedPlan:
     plan: BlockSparsePlan
     fingerprint: tuple
     density: float
+    rank_density: list[float]
     report: PlanReport | None = None
     generation: int | None = None
     step: int | None = None
+    head_order: torch.Tensor | None = None
     _ready: BlockSparsePlan | None = field(default=None, repr=False)
 
     @property
@@ -91,15 +98,26 @@ class PlanCache:
         return self._entries.get(key)
 
     def put(
-        self, key: PlanKey, plan: BlockSparsePlan, report: PlanReport | None, generation: int | None, step: int | None
+        self,
+        key: PlanKey,
+        plan: BlockSparsePlan,
+        report: PlanReport | None,
+        generation: int | None,
+        step: int | None,
+        rank_density: list[float] | None = None,
+        head_order: torch.Tensor | None = None,
     ) -> CachedPlan:
-        """Store ``plan`` under ``key`` (replacing what was there), sharing an identical stored plan."""
+        """Store ``plan`` under ``key`` (replacing what was there), sharing an identical stored plan.
+        ``rank_density``, ``head_order``: when ``plan`` is one Ulysses rank's heads, the density of
+        every rank's and the order of the heads the ranks hold slices of."""
         fingerprint = _fingerprint(plan)
         for stored in self._entries.values():
             if stored.fingerprint == fingerprint and _equal_plans(stored.plan, plan):
                 plan = stored.plan
                 break
-        entry = CachedPlan(plan, fingerprint, plan.density(), report, generation, step)
+        rank_density = rank_density or [plan.density()]
+        density = sum(rank_density) / len(rank_density)
+        entry = CachedPlan(plan, fingerprint, density, rank_density, report, generation, step, head_order=head_order)
         self._entries[key] = entry
         return entry
 
@@ -113,6 +131,8 @@ class PlanCache:
             if id(entry.plan) not in moved:
                 moved[id(entry.plan)] = entry.plan.to(device)
             entry.plan, entry._ready = moved[id(entry.plan)], None
+            if entry.head_order is not None:
+                entry.head_order = entry.head_order.to(device)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -43,6 +43,7 @@ from .layout import TokenLayout
 from .output_error import Candidate, RowSample, estimate_errors
 from .plan import BlockSparsePlan
 from .scoring import BestPerHead, recall, target_density, video_density
+from .ulysses import UlyssesGroup
 
 FAMILIES = ("radial", "spatiotemporal", "semantic", "adaptive")
 # The densities, in multiples of the budget's, that auto's fallback may raise a head to (or dense).
@@ -99,6 +100,7 @@ class Calibration:
         seconds: wall time of the calibration.
         rows: the sampled query rows, keys and values for the output-error estimate (``None`` when
             the pattern does not choose by error).
+        ulysses: the group the layer's heads are split over (``None``: this call holds them all).
     """
 
     layout: TokenLayout
@@ -111,6 +113,7 @@ class Calibration:
     clustering: SemanticClustering | None
     seconds: float
     rows: RowSample | None = None
+    ulysses: UlyssesGroup | None = None
 
     @property
     def tile_order(self) -> torch.Tensor:
@@ -125,6 +128,7 @@ def build_plan(
     config: SparseAttentionConfig,
     share_batch: bool = False,
     v: torch.Tensor | None = None,
+    ulysses: UlyssesGroup | None = None,
 ) -> tuple[BlockSparsePlan, PlanReport]:
     """Calibrate on one attention call and plan every head.
 
@@ -136,6 +140,9 @@ def build_plan(
             per batch element.
         v: ``(B, S, H, D)`` values, needed when ``config.chooses_by_error`` (``pattern="auto"``,
             the default).
+        ulysses: under Ulysses context parallelism, the group the layer's heads are split over;
+            ``q``, ``k``, ``v`` hold this rank's heads, and every rank calls ``build_plan`` at once.
+            The plans of all ranks together equal those of one process holding every head.
 
     Returns the plan (on ``q``'s device; batch size 1 if ``share_batch`` else B) and a report.
 
@@ -148,7 +155,7 @@ def build_plan(
         >>> plan.density()
         0.25
     """
-    return plan_from_calibration(calibrate(q, k, layout, config, share_batch, v=v), config)
+    return plan_from_calibration(calibrate(q, k, layout, config, share_batch, v=v, ulysses=ulysses), config)
 
 
 def calibrate(
@@ -158,6 +165,7 @@ def calibrate(
     config: SparseAttentionConfig,
     share_batch: bool = False,
     v: torch.Tensor | None = None,
+    ulysses: UlyssesGroup | None = None,
 ) -> Calibration:
     """Measure what ``config.pattern`` needs from one attention call (see :func:`build_plan`).
 
@@ -188,7 +196,10 @@ def calibrate(
         counts = (config.query_clusters, config.key_clusters)
         if config.pattern == "svg2":
             counts = tuple(c if c is not None else d for c, d in zip(counts, svg2_cluster_counts(layout)))
-        clustering = cluster_heads(q_in, k_in, layout, *counts, config.kmeans_iters, config.seed)
+        heads = {} if ulysses is None else {
+            "heads": ulysses.heads(q.shape[2] * ulysses.size), "total_heads": q.shape[2] * ulysses.size
+        }
+        clustering = cluster_heads(q_in, k_in, layout, *counts, config.kmeans_iters, config.seed, **heads)
         orders["semantic"] = clustering.orders(layout)
     measured = measure_block_masses(
         q, k, layout, blocks, {n: o for n, o in orders.items() if n in needed}, config.backend, config.mass_rows, config.seed
@@ -200,7 +211,9 @@ def calibrate(
     elif config.pattern == "svg1":
         rows = RowSample.of(q, k, v, layout, SVG1_PROFILE_ROWS, config.seed, within=SVG1_PROFILE_FIRST_TOKENS)
     batch = 1 if share_batch else q.shape[0]
-    return Calibration(layout, blocks, tile, batch, q.shape[2], orders, masses, clustering, time.perf_counter() - start, rows)
+    return Calibration(
+        layout, blocks, tile, batch, q.shape[2], orders, masses, clustering, time.perf_counter() - start, rows, ulysses
+    )
 
 
 def plan_from_calibration(
@@ -264,7 +277,10 @@ def _plan_by_error(
     fits = density.view(by_level) <= limits[:, None, None, None] + 1e-6
     score = torch.where(fits, 10 - errors.view(by_level), -density.view(by_level))
     pick = score.argmax(1) + torch.arange(len(levels), device=score.device)[:, None, None] * per_level   # [L, B, H]
-    level = _fallback(errors.gather(0, pick), density.gather(0, pick), config.max_error, (1 + config.fallback_share) * target)
+    level = _fallback_over_layer(
+        calibration.ulysses, errors.gather(0, pick), density.gather(0, pick), config.max_error,
+        (1 + config.fallback_share) * target,
+    )
     dense = level == len(levels)
     index = pick.gather(0, level.clamp(max=len(levels) - 1)[None])[0]                                   # [B, H]
     stacked = torch.stack([c.mask.expand(*density.shape[1:], *c.mask.shape[-2:]) for c in candidates])
@@ -309,6 +325,18 @@ def _plan_peer(
     plan = BlockSparsePlan.from_block_mask(mask, layout, blocks, q_order=q_order, kv_order=kv_order)
     family = [[config.pattern] * shape[1] for _ in range(shape[0])]
     return plan, PlanReport(family, kept, plan.density(per_head=True), calibration.seconds + time.perf_counter() - start)
+
+
+def _fallback_over_layer(
+    ulysses: UlyssesGroup | None, errors: torch.Tensor, density: torch.Tensor, max_error: float, allowed_per_head: float
+) -> torch.Tensor:
+    """:func:`_fallback` over every head of the layer, those of the other Ulysses ranks included (their
+    pool is shared): this rank's ``[B, H/P]`` share of the levels."""
+    if ulysses is None:
+        return _fallback(errors, density, max_error, allowed_per_head)
+    heads = ulysses.heads(errors.shape[-1] * ulysses.size)
+    level = _fallback(ulysses.gather(errors, -1), ulysses.gather(density, -1), max_error, allowed_per_head)
+    return level[..., heads.start : heads.stop]
 
 
 def _fallback(errors: torch.Tensor, density: torch.Tensor, max_error: float, allowed_per_head: float) -> torch.Tensor:

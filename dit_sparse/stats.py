@@ -21,6 +21,9 @@ class StepStats:
         calibrations: plans built from these calls (at the last dense step, a recalibration step,
             or a sparse step that found no plan).
         sparse_density: mean density of the sparse calls (``None`` without any).
+        rank_flops: attention FLOPs of these calls (``4 * B * S**2 * D`` per head, times the density
+            a sparse call keeps) on each Ulysses rank, in rank order; one entry without context
+            parallelism. Ranks differ when heads left dense gather on some of them.
     """
 
     step: int
@@ -29,6 +32,7 @@ class StepStats:
     dense: int = 0
     sparse: int = 0
     calibrations: int = 0
+    rank_flops: list[float] = field(default_factory=list)
     _density_sum: float = field(default=0.0, repr=False)
 
     @property
@@ -39,9 +43,13 @@ class StepStats:
         self.sparse += 1
         self._density_sum += density
 
+    def add_flops(self, per_rank: list[float]) -> None:
+        self.rank_flops = [a + b for a, b in zip(self.rank_flops, per_rank)] if self.rank_flops else list(per_rank)
+
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "transformer": self.transformer, "context": self.context, "dense": self.dense,
-                "sparse": self.sparse, "calibrations": self.calibrations, "sparse_density": self.sparse_density}
+                "sparse": self.sparse, "calibrations": self.calibrations, "sparse_density": self.sparse_density,
+                "rank_flops": self.rank_flops}
 
 
 @dataclass
@@ -125,6 +133,15 @@ class SparseRunStats:
         return sum(p.seconds for p in self.plans)
 
     @property
+    def rank_attention_flops(self) -> list[float]:
+        """Self-attention FLOPs of the whole generation on each Ulysses rank (one entry without
+        context parallelism): the load balance across ranks."""
+        totals: list[float] = []
+        for s in self.steps:
+            totals = [a + b for a, b in zip(totals, s.rank_flops)] if totals else list(s.rank_flops)
+        return totals
+
+    @property
     def mean_sparse_density(self) -> float | None:
         """Mean density over every sparse attention call (``None`` without any)."""
         calls = self.sparse_calls
@@ -139,6 +156,7 @@ class SparseRunStats:
             "calibrations": self.calibrations,
             "mean_sparse_density": self.mean_sparse_density,
             "calibration_seconds": self.calibration_seconds,
+            "rank_attention_flops": self.rank_attention_flops,
             "steps": [s.to_dict() for s in self.steps],
             "plans": [p.to_dict() for p in self.plans],
         }

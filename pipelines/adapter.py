@@ -29,6 +29,9 @@ class ModelAdapter:
             self-attention module (an IP-adapter, a custom one) is refused rather than dropped.
         layout: ``(transformer, arguments) -> TokenLayout`` for a forward call; ``arguments(name)``
             returns the call's argument ``name`` (``None`` when absent).
+        context_parallel: whether it runs under diffusers' Ulysses context parallelism: the class's
+            ``_cp_plan`` shards every self-attention sequence evenly (each rank holding its slice of
+            the video and of any text), and ``layout`` reads the whole call's arguments.
     """
 
     transformer_class: type
@@ -36,6 +39,7 @@ class ModelAdapter:
     processor: type
     stock_processors: tuple[type, ...]
     layout: Callable[[torch.nn.Module, Arguments], TokenLayout]
+    context_parallel: bool = False
 
     def self_attention_modules(self, transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         """``(qualified name, module)`` of every self-attention module, in layer order."""
@@ -68,6 +72,11 @@ def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
 
 def supported_transformers() -> list[str]:
     return sorted(cls.__name__ for cls in _ADAPTERS)
+
+
+def context_parallel_transformers() -> list[str]:
+    """The supported transformer classes that run under context parallelism."""
+    return sorted(cls.__name__ for cls, adapter in _ADAPTERS.items() if adapter.context_parallel)
 
 
 def adapter_for(transformer: torch.nn.Module) -> ModelAdapter:

@@ -1,5 +1,4 @@
-"""What dit-sparse reads from a pipeline: its transformers, whether they run context-parallel, and
-how many steps its run has."""
+"""What dit-sparse reads from a pipeline: its transformers and how many steps its run has."""
 
 from __future__ import annotations
 
@@ -37,20 +36,6 @@ def denoisers(pipe_or_transformer: Any) -> list[tuple[str, torch.nn.Module]]:
             "built on one of them, or the transformer itself"
         )
     return found
-
-
-def check_not_context_parallel(name: str, transformer: torch.nn.Module, modules: list[tuple[str, Any]]) -> None:
-    """Refuse a transformer whose attention is sharded across devices (context parallelism)."""
-    parallel = getattr(transformer, "_parallel_config", None)
-    sharded = getattr(parallel, "context_parallel_config", None) is not None or any(
-        getattr(module.processor, "_parallel_config", None) is not None for _, module in modules
-    )
-    if sharded:
-        raise ValueError(
-            f"{name} ({type(transformer).__name__}) runs with context parallelism (enable_parallelism), which shards "
-            "the sequence inside attention; block-sparse plans need the whole sequence. Apply dit-sparse to a "
-            "transformer without context parallelism"
-        )
 
 
 def total_steps_of(pipe: Any) -> Callable[[], int | None]:

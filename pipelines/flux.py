@@ -85,4 +85,5 @@ FLUX = register_adapter(ModelAdapter(
     processor=FluxSparseAttnProcessor,
     stock_processors=(FluxAttnProcessor,),
     layout=flux_layout,
+    context_parallel=True,
 ))

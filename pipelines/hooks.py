@@ -16,7 +16,8 @@ from dit_sparse.controller import SparseAttentionController
 
 from .adapter import ModelAdapter, adapter_for
 from .call_arguments import ForwardArguments, timestep_value
-from .components import check_not_context_parallel, denoisers, total_steps_of
+from .components import denoisers, total_steps_of
+from .parallel import context_parallel_config, ulysses_group
 from .processor import SparseAttnProcessor
 
 _SPARSE_ATTENTION_HOOK = "dit_sparse_attention"
@@ -28,7 +29,8 @@ class SparseAttentionHook(ModelHook):
     transformer has, and ends the generation when the pipeline resets its stateful hooks.
 
     The pipeline's ``cache_context`` reaches the hook through ``state_manager`` (diffusers sets the
-    context on every stateful hook's ``StateManager``).
+    context on every stateful hook's ``StateManager``). Under context parallelism it wraps diffusers'
+    sharding hooks, so it reads the whole call's arguments.
     """
 
     _is_stateful = True
@@ -45,17 +47,25 @@ class SparseAttentionHook(ModelHook):
         self.adapter = adapter
         self.name = name
         self.modules = modules
+        self.parallel = None
         self.state_manager = StateManager(BaseState)
         self._arguments: ForwardArguments | None = None
         self._checked_generation = -1
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self._arguments = ForwardArguments(module.forward)
+        self.parallel = context_parallel_config(module)
         return module
 
     # Step counting reads the timestep's value and keeps Python state: run it outside a compiled graph.
     @torch.compiler.disable(reason=_COMPILE_BREAK)
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs) -> tuple[tuple, dict]:
+        if context_parallel_config(module) is not self.parallel:
+            raise RuntimeError(
+                f"{self.name} ({type(module).__name__}) got enable_parallelism after apply_sparse_attention; the "
+                "stock processors kept its parallel config: call remove_sparse_attention, then apply_sparse_attention "
+                "again (enable parallelism first, then apply sparse attention)"
+            )
         arguments = self._arguments.bind(args, kwargs)
         context = self._cache_context()
         step_index = None if context is None else context.step_index
@@ -90,7 +100,6 @@ class SparseAttentionHook(ModelHook):
             return None
 
     def _check_still_installed(self, module: torch.nn.Module) -> None:
-        check_not_context_parallel(self.name, module, self.modules)
         for qualified, attention in self.modules:
             processor = attention.processor
             if not (isinstance(processor, SparseAttnProcessor) and processor.controller is self.controller):
@@ -108,6 +117,10 @@ def apply_sparse_attention(pipe_or_transformer: Any, config: SparseAttentionConf
     self-attention modules and one hook; they share one controller (step clock, plan cache,
     statistics). Applying again replaces the previous application; :func:`remove_sparse_attention`
     restores the stock processors.
+
+    Under diffusers' Ulysses context parallelism (``enable_parallelism`` with ``ulysses_degree=P``,
+    called before this, on every rank), each rank plans and runs its ``H/P`` heads over the whole
+    sequence; ring attention is refused.
 
     Args:
         pipe_or_transformer: a diffusers pipeline or a supported transformer.
@@ -131,15 +144,15 @@ def apply_sparse_attention(pipe_or_transformer: Any, config: SparseAttentionConf
     installs = []
     for (name, transformer), adapter in zip(transformers, adapters):
         modules = adapter.self_attention_modules(transformer)
-        check_not_context_parallel(name, transformer, modules)
         adapter.check_processors([(qualified, module.processor) for qualified, module in modules])
         installs.append((name, transformer, adapter, modules))
+    ulysses = ulysses_group(installs)
     model = {
         name: {"class": type(transformer).__name__, "self_attention_layers": len(modules), "heads": modules[0][1].heads}
         for name, transformer, _, modules in installs
     }
     total_steps = None if isinstance(pipe_or_transformer, torch.nn.Module) else total_steps_of(pipe_or_transformer)
-    controller = SparseAttentionController(config, model=model, total_steps=total_steps)
+    controller = SparseAttentionController(config, model=model, total_steps=total_steps, ulysses=ulysses)
     for name, transformer, adapter, modules in installs:
         for layer, (_, module) in enumerate(modules):
             module.set_processor(adapter.processor(controller, name, layer, module.processor))

@@ -81,4 +81,5 @@ LTX_VIDEO = register_adapter(ModelAdapter(
     processor=LTXVideoSparseAttnProcessor,
     stock_processors=(LTXVideoAttnProcessor,),
     layout=ltx_video_layout,
+    context_parallel=True,
 ))

@@ -31,10 +31,13 @@ class SparseAttnProcessor:
         layer: the module's index among the transformer's self-attention modules.
         stock: the processor it replaces (its attention backend is kept); it comes back on
             ``remove_sparse_attention``.
+
+    The diffusers parallel config (``_parallel_config``, set by ``enable_parallelism``) is the stock
+    processor's: the dense path runs the stock (context-parallel) attention call, and the stock
+    processor keeps the config when it comes back.
     """
 
     _attention_backend = None
-    _parallel_config = None
 
     def __init__(self, controller: SparseAttentionController, transformer: str, layer: int, stock: Any) -> None:
         self.controller = controller
@@ -44,6 +47,14 @@ class SparseAttnProcessor:
         backend = getattr(stock, "_attention_backend", None)
         if backend is not None:
             self._attention_backend = backend
+
+    @property
+    def _parallel_config(self) -> Any:
+        return getattr(self.stock, "_parallel_config", None)
+
+    @_parallel_config.setter
+    def _parallel_config(self, config: Any) -> None:
+        self.stock._parallel_config = config
 
     # One explicit graph break per self-attention call under torch.compile: whether a call runs dense,
     # calibrates or runs sparse is per-layer, per-step Python state, and the sparse path gathers by

@@ -70,4 +70,5 @@ WAN = register_adapter(ModelAdapter(
     processor=WanSparseAttnProcessor,
     stock_processors=(WanAttnProcessor,),
     layout=wan_layout,
+    context_parallel=True,
 ))

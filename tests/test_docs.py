@@ -14,8 +14,11 @@ and must load; ``text`` blocks are output or pictures. A fence without a languag
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shlex
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,4 +163,19 @@ def _app(namespace: dict, folder: Path, out: str) -> None:
     assert "dense from the cache: True" in out
 
 
-CHECKS = {"integration-example": _integration, "app-example": _app}
+def _parallel(namespace: dict, folder: Path, out: str) -> None:
+    """The context-parallel example on two ranks (torchrun, gloo) prints the checksum it printed here."""
+    block = next(b for b in BLOCKS if "parallel-example" in b.markers)
+    (folder / "wan_parallel.py").write_text(block.code)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "wan_parallel.py"],
+        cwd=folder, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    checksum = next(line for line in out.splitlines() if line.startswith("video checksum"))
+    assert checksum in run.stdout.splitlines()
+    assert len(namespace["stats"].rank_attention_flops) == 1
+    assert re.search(r"attention FLOPs per rank: \S+, \S+$", run.stdout, re.M)
+
+
+CHECKS = {"integration-example": _integration, "app-example": _app, "parallel-example": _parallel}

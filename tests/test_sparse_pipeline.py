@@ -2,7 +2,6 @@
 checkpoints, and the errors users meet."""
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -197,21 +196,6 @@ def test_fraction_of_the_run_on_a_bare_transformer(tiny):
         transformer(**inputs)
     with transformer.cache_context("cond", num_inference_steps=4):
         assert torch.isfinite(transformer(**inputs)[0]).all()
-
-
-def test_context_parallel_transformer_is_refused(tiny):
-    case = tiny("ltx")
-    transformer = case.pipe.transformer
-    transformer._parallel_config = SimpleNamespace(context_parallel_config=object())
-    try:
-        with pytest.raises(ValueError, match="context parallelism"):
-            apply_sparse_attention(case.pipe, CONFIG)
-    finally:
-        del transformer._parallel_config
-    apply_sparse_attention(case.pipe, CONFIG)
-    transformer.transformer_blocks[0].attn1.processor._parallel_config = object()  # enable_parallelism afterwards
-    with pytest.raises(ValueError, match="context parallelism"):
-        case()
 
 
 def test_foreign_processors_are_refused_not_dropped(tiny):

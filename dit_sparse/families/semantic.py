@@ -54,6 +54,8 @@ def cluster_heads(
     iters: int = 10,
     seed: int = 0,
     init: SemanticClustering | None = None,
+    heads: range | None = None,
+    total_heads: int | None = None,
 ) -> SemanticClustering:
     """k-means of every head's video queries and keys, batched over batch and heads.
 
@@ -63,6 +65,9 @@ def cluster_heads(
             ``QUERIES_PER_CLUSTER`` queries / ``KEYS_PER_CLUSTER`` keys.
         iters, seed: Lloyd iterations and the seed of the initial centroids.
         init: an earlier clustering of the same shape to start from (then a few ``iters`` do).
+        heads, total_heads: the global indices of ``q``'s heads among the layer's ``total_heads``
+            (one rank's slice under context parallelism): each head is clustered as it would be
+            with every head present. Default: ``q`` holds them all.
 
     Example::
 
@@ -75,8 +80,13 @@ def cluster_heads(
     n = layout.video_len
     q_count = _cluster_count(query_clusters, n, QUERIES_PER_CLUSTER, "query_clusters")
     k_count = _cluster_count(key_clusters, n, KEYS_PER_CLUSTER, "key_clusters")
-    q_labels, q_centroids = _cluster_video(q, layout, q_count, iters, seed, None if init is None else init.q_centroids)
-    k_labels, k_centroids = _cluster_video(k, layout, k_count, iters, seed, None if init is None else init.k_centroids)
+    seeding = (None, None)
+    if heads is not None:
+        rows = torch.arange(q.shape[0])[:, None] * total_heads + torch.tensor(list(heads))[None]
+        seeding = (rows.reshape(-1), q.shape[0] * total_heads)
+    q_init, k_init = (None, None) if init is None else (init.q_centroids, init.k_centroids)
+    q_labels, q_centroids = _cluster_video(q, layout, q_count, iters, seed, q_init, *seeding)
+    k_labels, k_centroids = _cluster_video(k, layout, k_count, iters, seed, k_init, *seeding)
     return SemanticClustering(q_labels, k_labels, q_centroids, k_centroids)
 
 
@@ -125,11 +135,15 @@ def semantic_block_mask(
 
 
 def _cluster_video(
-    x: torch.Tensor, layout: TokenLayout, count: int, iters: int, seed: int, init: torch.Tensor | None
+    x: torch.Tensor, layout: TokenLayout, count: int, iters: int, seed: int, init: torch.Tensor | None,
+    rows: torch.Tensor | None, total_rows: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     video = x[:, layout.video_offset : layout.video_offset + layout.video_len].transpose(1, 2)
     batch, heads, n, dim = video.shape
-    labels, centroids = kmeans(video.reshape(batch * heads, n, dim), count, iters, seed, None if init is None else init.flatten(0, 1))
+    labels, centroids = kmeans(
+        video.reshape(batch * heads, n, dim), count, iters, seed, None if init is None else init.flatten(0, 1),
+        rows, total_rows,
+    )
     return labels.view(batch, heads, n), centroids.view(batch, heads, count, dim)
 
 
