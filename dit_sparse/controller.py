@@ -230,7 +230,8 @@ class SparseAttentionController:
             for key, entry in whole.items():
                 if id(entry.plan) not in sliced:
                     sliced[id(entry.plan)] = self._rank_slice(entry.plan)
-                self.plans.put(key, sliced[id(entry.plan)][0], None, None, None, *sliced[id(entry.plan)][1:])
+                plan, rank_density, head_order = sliced[id(entry.plan)]
+                self.plans.put(key, plan, None, None, None, rank_density, head_order)
         self._loaded_geometries = self.plans.geometries(loaded_only=True)
         return count
 
