@@ -11,6 +11,10 @@ Example::
 from importlib import import_module
 from typing import Any
 
+from .source_checkout import move_checkout_root_last
+
+move_checkout_root_last()
+
 __version__ = "0.1.0"
 
 # Every public name, by the module that defines it. Each loads on first use: ``import dit_sparse``

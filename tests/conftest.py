@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+import dit_sparse  # noqa: F401  (before diffusers: keeps the clone's kernels/ from hiding Hugging Face's)
+
 # Without CUDA the Triton kernels run in Triton's CPU interpreter, which is chosen when a kernel is
 # defined: switch it on before any test imports one.
 if not torch.cuda.is_available():
