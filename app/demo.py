@@ -36,8 +36,6 @@ from dit_sparse.eval.runner import plan_block_masks, timed_call, warmup_settings
 from dit_sparse.eval.settings import MAX_SEED
 from dit_sparse.eval.sparse_stats import SparseRunSummary, summarize_sparse_run
 from dit_sparse.eval.videos import write_video
-from dit_sparse.pipelines.adapter import adapter_for
-from dit_sparse.pipelines.components import denoisers
 
 from .dense_cache import DenseCache, DenseKey, DenseRun
 from .plan_masks import PlanMasks
@@ -132,14 +130,12 @@ class DemoSession:
     """
 
     def __init__(self, model: EvalModel, fps: int = 16, dense_cache_size: int = 4) -> None:
-        for _, transformer in denoisers(model.pipe):
-            adapter_for(transformer)  # an unsupported model fails here, not after its first dense run
+        self._timer = AttentionTimer(model.pipe)  # an unsupported model fails here, not after its first dense run
         self.model = model
         self.fps = fps
         self.base_config = SparseAttentionConfig()
         self.defaults = model.resolve(GenerationSettings())
         self._dense_runs = DenseCache(dense_cache_size)
-        self._timer = AttentionTimer(model.pipe)
         self._lock = threading.Lock()
         self._video_dir = Path(tempfile.mkdtemp(prefix="dit-sparse-demo-"))
         self._video_numbers = itertools.count()
@@ -247,7 +243,8 @@ class DemoSession:
             output, seconds, _ = timed_call(pipeline, self.model.call_kwargs(prompt, settings), self._timer,
                                             self.model.device)
             summary = summarize_sparse_run(pipeline.last_stats.to_dict(), self._timer.self_attention_flops())
-            masks = PlanMasks.from_run(plan_block_masks(pipeline), summary.plans, config_label(config))
+            masks = PlanMasks.from_run(plan_block_masks(pipeline), summary.plans, config_label(config),
+                                       self._timer.layer_names())
         finally:
             pipeline.remove()
         return output_frames(output), seconds, summary, masks

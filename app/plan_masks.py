@@ -8,9 +8,9 @@ Example::
     ...     {("transformer", 1, "cond"): np.eye(4, dtype=bool)[None].repeat(2, axis=0)},
     ...     [{"transformer": "transformer", "layer": 1, "context": "cond", "step": 1,
     ...       "family": ["adaptive", "adaptive"], "recall": [0.9, 0.8], "density": [0.25, 0.25]}],
-    ...     "adaptive, density 0.25")
-    >>> masks.layers, masks.num_heads("layer 1")
-    (['layer 1'], 2)
+    ...     "adaptive, density 0.25", {("transformer", 1): "transformer.blocks.1.attn1"})
+    >>> masks.layers, masks.num_heads("layer 1"), masks.modules["layer 1"]
+    (['layer 1'], 2, 'blocks.1.attn1')
     >>> figure = masks.figure("layer 1", head=0)
 """
 
@@ -34,32 +34,37 @@ class PlanMasks:
         masks: per layer label (``"layer 2"``, with the transformer and CFG context when a run has
             several), the ``[H, nQ, nK]`` block mask in the plan's token order.
         notes: per layer label, each head's family and recall at calibration.
+        modules: per layer label, the self-attention module of that layer (``blocks.2.attn1``).
     """
 
     config_label: str
     masks: dict[str, np.ndarray]
     notes: dict[str, str]
+    modules: dict[str, str]
 
     @classmethod
     def from_run(cls, block_masks: dict[PlanKey, np.ndarray], plans: list[dict[str, Any]],
-                 config_label: str) -> PlanMasks:
-        """From :func:`~dit_sparse.eval.runner.plan_block_masks` and the plan records of
+                 config_label: str, layer_names: dict[tuple[str, int], str]) -> PlanMasks:
+        """From :func:`~dit_sparse.eval.runner.plan_block_masks`, the plan records of
         :func:`~dit_sparse.eval.sparse_stats.summarize_sparse_run` (the latest calibration of a
-        layer describes its mask)."""
+        layer describes its mask) and each ``(transformer, layer)``'s qualified module name
+        (``"transformer.blocks.2.attn1"``, as the model's adapter numbers them)."""
         keys = sorted(block_masks)
         latest = {(plan["transformer"], plan["layer"], plan["context"]): plan
                   for plan in sorted(plans, key=lambda plan: plan["step"])}
-        masks, notes = {}, {}
+        masks, notes, modules = {}, {}, {}
         for key in keys:
             label = _label(key, keys)
             masks[label] = block_masks[key]
+            transformer, layer, _ = key
+            modules[label] = layer_names[(transformer, layer)].removeprefix(f"{transformer}.")
             plan = latest.get(key)
             if plan is not None:
                 heads = ", ".join(f"head {head} {family} (recall {recall:.2f})"
                                   for head, (family, recall) in enumerate(zip(plan["family"], plan["recall"],
                                                                               strict=True)))
                 notes[label] = f"calibrated at step {plan['step']}: {heads}"
-        return cls(config_label, masks, notes)
+        return cls(config_label, masks, notes, modules)
 
     @property
     def layers(self) -> list[str]:
@@ -79,7 +84,8 @@ class PlanMasks:
         masks = self._mask(layer)
         if head is not None and not 0 <= head < masks.shape[0]:
             raise ValueError(f"{layer} has heads 0..{masks.shape[0] - 1}; got head {head}")
-        title = f"{self.config_label}: {layer}, {self.notes.get(layer, 'loaded plan')} (token order of the plan)"
+        title = (f"{self.config_label}: {layer} ({self.modules[layer]}), {self.notes.get(layer, 'loaded plan')} "
+                 "(token order of the plan)")
         return mask_figure(masks, title, heads=None if head is None else [head])
 
     def _mask(self, layer: str) -> np.ndarray:

@@ -2,13 +2,16 @@
 
 Forward pre- and post-hooks on every diffusers attention module of the denoiser(s) bracket the whole
 module call: the q/k/v projections, norms, RoPE, the attention op (dense or sparse) and the output
-projection. Self- and cross-attention (modules whose ``is_cross_attention`` is set) are summed
-separately. On CUDA the brackets are CUDA events read once at the end, so timing adds no
-synchronisation inside the run; elsewhere they are ``time.perf_counter`` readings.
+projection. Which module is which comes from the transformer's
+:class:`~dit_sparse.pipelines.ModelAdapter`: its self-attention layers (the modules dit-sparse makes
+sparse, numbered as the plans number them), its cross-attention modules, and any other attention
+module (HunyuanVideo's text refiner) are summed separately. On CUDA the brackets are CUDA events
+read once at the end, so timing adds no synchronisation inside the run; elsewhere they are
+``time.perf_counter`` readings.
 
-The hooks also record each self-attention module's dense cost, ``4 * B * S^2 * inner_dim`` FLOPs per
-call (``S`` the joint sequence of the ``(B, S, C)`` hidden states plus any text tokens passed
-alongside them).
+The hooks also record each self-attention layer's dense cost, ``4 * B * S^2 * inner_dim`` FLOPs per
+call (``S`` the self-attention sequence: the ``(B, S, C)`` hidden states, plus the text tokens
+passed alongside them where the adapter says the text joins the sequence).
 
 Example::
 
@@ -16,23 +19,21 @@ Example::
     >>> with timer:                                           # doctest: +SKIP
     ...     pipe(prompt="a fox", num_inference_steps=4)
     >>> timer.seconds()                                       # doctest: +SKIP
-    {'self': 1.93, 'cross': 0.04}
+    {'self': 1.93, 'cross': 0.04, 'other': 0.0}
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-SELF, CROSS = "self", "cross"
+from dit_sparse.pipelines.adapter import TEXT_IN_CROSS_ATTENTION, adapter_for
+from dit_sparse.pipelines.components import denoisers
 
-
-def denoisers(pipe: Any) -> dict[str, torch.nn.Module]:
-    """The pipeline's diffusion transformer(s) by component name (``transformer``, ``transformer_2``)."""
-    return {name: module for name, module in pipe.components.items()
-            if isinstance(module, torch.nn.Module) and name.startswith("transformer")}
+SELF, CROSS, OTHER = "self", "cross", "other"
 
 
 def attention_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -43,45 +44,59 @@ def attention_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, (AttentionModuleMixin, Attention))}
 
 
-def is_cross_attention(module: torch.nn.Module) -> bool:
-    return bool(getattr(module, "is_cross_attention", False))
+@dataclass(frozen=True)
+class _Timed:
+    module: torch.nn.Module
+    kind: str
+    layer: tuple[str, int] | None = None  # (transformer, layer) of a self-attention layer
+    joint_text: bool = False  # text passed alongside the hidden states joins the self-attention sequence
 
 
 class AttentionTimer:
-    """Hooks that time every attention module of ``pipe``'s denoisers while active (``with``)."""
+    """Hooks that time every attention module of ``pipe``'s denoisers while active (``with``).
+
+    ``pipe`` is a pipeline or a transformer built on a supported model (a ``ValueError`` names the
+    supported ones otherwise)."""
 
     def __init__(self, pipe: Any) -> None:
-        self._modules: dict[str, torch.nn.Module] = {}
-        self._layers: dict[str, tuple[str, int]] = {}
-        for component, model in denoisers(pipe).items():
-            modules = attention_modules(model)
-            self_attention = [name for name, module in modules.items() if not is_cross_attention(module)]
-            self._layers.update({f"{component}.{name}": (component, layer)
-                                 for layer, name in enumerate(self_attention)})
-            self._modules.update({f"{component}.{name}": module for name, module in modules.items()})
-        if not self._modules:
-            raise ValueError(f"found no diffusers attention modules in {type(pipe).__name__}; cannot time attention")
+        self._timed: dict[str, _Timed] = {}
+        for component, model in denoisers(pipe):
+            adapter = adapter_for(model)
+            joint_text = adapter.text != TEXT_IN_CROSS_ATTENTION
+            timed = {name: _Timed(module, OTHER) for name, module in attention_modules(model).items()}
+            timed |= {name: _Timed(module, CROSS) for name, module in adapter.cross_attention_modules(model)}
+            timed |= {name: _Timed(module, SELF, (component, layer), joint_text)
+                      for layer, (name, module) in enumerate(adapter.self_attention_modules(model))}
+            self._timed.update({f"{component}.{name}": entry for name, entry in timed.items()})
         self._handles: list[Any] = []
         self._open: dict[str, Any] = {}
-        self._spans: dict[str, list[tuple[Any, Any]]] = {SELF: [], CROSS: []}
+        self._spans: dict[str, list[tuple[Any, Any]]] = {SELF: [], CROSS: [], OTHER: []}
         self.calls: dict[str, int] = {}
         self.dense_flops_per_call: dict[str, int] = {}
 
     @property
     def self_attention_layers(self) -> dict[str, tuple[str, int]]:
-        """Each self-attention module's ``(transformer, layer)``: layer ``i`` is the transformer's
-        ``i``-th self-attention module in model order."""
-        return dict(self._layers)
+        """Each self-attention module's ``(transformer, layer)``, by qualified name: the layers of
+        the transformer's :class:`~dit_sparse.pipelines.ModelAdapter`."""
+        return {name: entry.layer for name, entry in self._timed.items() if entry.kind == SELF}
+
+    def layer_names(self) -> dict[tuple[str, int], str]:
+        """Each self-attention layer's qualified module name, by ``(transformer, layer)``."""
+        return {layer: name for name, layer in self.self_attention_layers.items()}
+
+    def kinds(self) -> dict[str, str]:
+        """Each timed module's kind (``"self"``, ``"cross"`` or ``"other"``), by qualified name."""
+        return {name: entry.kind for name, entry in self._timed.items()}
 
     def self_attention_flops(self) -> dict[tuple[str, int], int]:
         """Dense FLOPs of one call of each self-attention layer seen so far, by ``(transformer, layer)``."""
-        return {self._layers[name]: flops for name, flops in self.dense_flops_per_call.items()}
+        return {self._timed[name].layer: flops for name, flops in self.dense_flops_per_call.items()}
 
     def __enter__(self) -> AttentionTimer:
         self.reset()
-        for name, module in self._modules.items():
-            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
-            self._handles.append(module.register_forward_hook(self._post_hook(name, is_cross_attention(module))))
+        for name, entry in self._timed.items():
+            self._handles.append(entry.module.register_forward_pre_hook(self._pre_hook(name, entry), with_kwargs=True))
+            self._handles.append(entry.module.register_forward_hook(self._post_hook(name, entry.kind)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -96,23 +111,24 @@ class AttentionTimer:
         self.calls.clear()
 
     def seconds(self) -> dict[str, float]:
-        """Seconds spent in self- and cross-attention modules since the last reset."""
+        """Seconds spent in self-attention, cross-attention and other attention modules since the
+        last reset."""
         return {kind: sum(_elapsed(start, end) for start, end in spans) for kind, spans in self._spans.items()}
 
-    def _pre_hook(self, name: str):
+    def _pre_hook(self, name: str, entry: _Timed):
         def hook(module, args, kwargs):
             self.calls[name] = self.calls.get(name, 0) + 1
-            if not is_cross_attention(module):
-                self.dense_flops_per_call[name] = _dense_flops(module, args, kwargs)
+            if entry.kind == SELF:
+                self.dense_flops_per_call[name] = _dense_flops(module, args, kwargs, entry.joint_text)
             device = _hidden_states(args, kwargs).device
             self._open[name] = (device, _mark(device))
 
         return hook
 
-    def _post_hook(self, name: str, cross: bool):
+    def _post_hook(self, name: str, kind: str):
         def hook(module, args, output):
             device, start = self._open.pop(name)
-            self._spans[CROSS if cross else SELF].append((start, _mark(device)))
+            self._spans[kind].append((start, _mark(device)))
 
         return hook
 
@@ -136,11 +152,11 @@ def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
-def _dense_flops(module: torch.nn.Module, args: tuple, kwargs: dict) -> int:
+def _dense_flops(module: torch.nn.Module, args: tuple, kwargs: dict, joint_text: bool) -> int:
     hidden = _hidden_states(args, kwargs)
     text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
     batch, seq = hidden.shape[0], hidden.shape[1]
-    if isinstance(text, torch.Tensor):
+    if joint_text and isinstance(text, torch.Tensor):
         seq += text.shape[1]
     inner = module.to_q.out_features if hasattr(module, "to_q") else hidden.shape[-1]
     return 4 * batch * seq * seq * inner

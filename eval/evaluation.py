@@ -146,7 +146,8 @@ def _write_plots(run: EvalRun, results: dict[str, Any], root: Path) -> dict[str,
         figures[f"density per layer and step: {variant.label}"] = (
             density_figure(density, variant.label), f"density_{variant.name}.png")
         for (transformer, context), masks in variant.block_masks.items():
-            where = f"{transformer} layer {run.mask_layer}, {context}"
+            module = run.self_attention_layers[(transformer, run.mask_layer)]
+            where = f"{transformer} layer {run.mask_layer} ({module.removeprefix(transformer + '.')}), {context}"
             figures[f"block masks, {variant.label}: {where}"] = (
                 mask_figure(masks, f"{variant.label}: {where}"),
                 f"masks_{variant.name}_{transformer}_layer{run.mask_layer}_{context}.png")

@@ -50,6 +50,7 @@ def build_results(run: EvalRun, machine: dict[str, Any], lpips: LpipsStatus, vbe
             "name": model.name,
             "random_weights": model.random_weights,
             "offline_spec": model.offline_spec.to_dict() if model.offline_spec else None,
+            "self_attention_layers": _layer_names(run.self_attention_layers),
         },
         "notes": ([RANDOM_WEIGHTS_NOTE] if model.random_weights else []) + busy_machine_notes(machine),
         "machine": machine,
@@ -165,3 +166,11 @@ def _variant_timing(variant: VariantRun) -> dict[str, Any]:
 
 def _ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator if denominator > 0 else None
+
+
+def _layer_names(layers: dict[tuple[str, int], str]) -> dict[str, list[str]]:
+    """Per transformer, its self-attention modules in layer order (list index = layer)."""
+    names: dict[str, list[str]] = {}
+    for (transformer, _), name in sorted(layers.items()):
+        names.setdefault(transformer, []).append(name.removeprefix(f"{transformer}."))
+    return names

@@ -92,6 +92,8 @@ class EvalRun:
         mask_layer: the self-attention layer whose block masks were kept.
         self_attention_flops: dense FLOPs of one call of each self-attention layer, by
             ``(transformer, layer)``.
+        self_attention_layers: each self-attention layer's module name, by ``(transformer, layer)``
+            (the numbering of the transformer's :class:`~dit_sparse.pipelines.ModelAdapter`).
     """
 
     model: EvalModel
@@ -103,6 +105,7 @@ class EvalRun:
     dense: VariantRun
     sparse: list[VariantRun]
     self_attention_flops: dict[tuple[str, int], int]
+    self_attention_layers: dict[tuple[str, int], str]
 
 
 def run_evaluation(
@@ -123,11 +126,14 @@ def run_evaluation(
     if not prompts:
         raise ValueError("no prompts to generate")
     timer = AttentionTimer(model.pipe)
-    layers = sorted({layer for _, layer in timer.self_attention_layers.values()})
+    names = timer.layer_names()
+    layers = sorted({layer for _, layer in names})
     mask_layer = layers[len(layers) // 2] if mask_layer is None else mask_layer
     if mask_layer not in layers:
+        first, last = (next(name for (_, layer), name in names.items() if layer == index) for index in (0, layers[-1]))
         raise ValueError(
-            f"--mask-layer {mask_layer} does not exist: the model has self-attention layers 0..{layers[-1]}"
+            f"--mask-layer {mask_layer} does not exist: the model has self-attention layers 0..{layers[-1]} "
+            f"({first} .. {last})"
         )
     model.pipe.set_progress_bar_config(leave=False, position=1)
     total = (1 + len(configs)) * (warmup + repeats * len(prompts))
@@ -146,7 +152,7 @@ def run_evaluation(
             finally:
                 pipeline.remove()
     return EvalRun(model, session.settings, prompts, warmup, repeats, mask_layer, dense, sparse,
-                   timer.self_attention_flops())
+                   timer.self_attention_flops(), names)
 
 
 @dataclass

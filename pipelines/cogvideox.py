@@ -18,7 +18,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from dit_sparse.layout import TokenLayout
 
-from .adapter import Arguments, ModelAdapter, register_adapter
+from .adapter import TEXT_FIRST, Arguments, ModelAdapter, register_adapter
 from .processor import SparseAttnProcessor
 
 
@@ -91,4 +91,5 @@ COGVIDEOX = register_adapter(ModelAdapter(
     processor=CogVideoXSparseAttnProcessor,
     stock_processors=(CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0),
     layout=cogvideox_layout,
+    text=TEXT_FIRST,
 ))

@@ -13,7 +13,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _g
 
 from dit_sparse.layout import TokenLayout
 
-from .adapter import Arguments, ModelAdapter, register_adapter
+from .adapter import TEXT_FIRST, Arguments, ModelAdapter, register_adapter
 from .processor import SparseAttnProcessor
 
 
@@ -85,5 +85,6 @@ FLUX = register_adapter(ModelAdapter(
     processor=FluxSparseAttnProcessor,
     stock_processors=(FluxAttnProcessor,),
     layout=flux_layout,
+    text=TEXT_FIRST,
     context_parallel=True,
 ))

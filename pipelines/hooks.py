@@ -147,10 +147,7 @@ def apply_sparse_attention(pipe_or_transformer: Any, config: SparseAttentionConf
         adapter.check_processors([(qualified, module.processor) for qualified, module in modules])
         installs.append((name, transformer, adapter, modules))
     ulysses = ulysses_group(installs)
-    model = {
-        name: {"class": type(transformer).__name__, "self_attention_layers": len(modules), "heads": modules[0][1].heads}
-        for name, transformer, _, modules in installs
-    }
+    model = {name: adapter.describe(transformer) for name, transformer, adapter, _ in installs}
     total_steps = None if isinstance(pipe_or_transformer, torch.nn.Module) else total_steps_of(pipe_or_transformer)
     controller = SparseAttentionController(config, model=model, total_steps=total_steps, ulysses=ulysses)
     for name, transformer, adapter, modules in installs:

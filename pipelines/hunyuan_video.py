@@ -14,7 +14,7 @@ from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideo
 
 from dit_sparse.layout import TokenLayout
 
-from .adapter import Arguments, ModelAdapter, register_adapter
+from .adapter import TEXT_LAST, Arguments, ModelAdapter, register_adapter
 from .processor import SparseAttnProcessor
 
 
@@ -106,4 +106,5 @@ HUNYUAN_VIDEO = register_adapter(ModelAdapter(
     processor=HunyuanVideoSparseAttnProcessor,
     stock_processors=(HunyuanVideoAttnProcessor2_0,),
     layout=hunyuan_video_layout,
+    text=TEXT_LAST,
 ))

@@ -12,7 +12,7 @@ from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor,
 
 from dit_sparse.layout import TokenLayout
 
-from .adapter import Arguments, ModelAdapter, register_adapter
+from .adapter import TEXT_IN_CROSS_ATTENTION, Arguments, ModelAdapter, register_adapter
 from .processor import SparseAttnProcessor
 
 
@@ -81,5 +81,7 @@ LTX_VIDEO = register_adapter(ModelAdapter(
     processor=LTXVideoSparseAttnProcessor,
     stock_processors=(LTXVideoAttnProcessor,),
     layout=ltx_video_layout,
+    text=TEXT_IN_CROSS_ATTENTION,
+    cross_attention=(("transformer_blocks", "attn2"),),
     context_parallel=True,
 ))

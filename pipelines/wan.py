@@ -13,7 +13,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get
 
 from dit_sparse.layout import TokenLayout
 
-from .adapter import Arguments, ModelAdapter, register_adapter
+from .adapter import TEXT_IN_CROSS_ATTENTION, Arguments, ModelAdapter, register_adapter
 from .processor import SparseAttnProcessor
 
 
@@ -70,5 +70,7 @@ WAN = register_adapter(ModelAdapter(
     processor=WanSparseAttnProcessor,
     stock_processors=(WanAttnProcessor,),
     layout=wan_layout,
+    text=TEXT_IN_CROSS_ATTENTION,
+    cross_attention=(("blocks", "attn2"),),
     context_parallel=True,
 ))

@@ -82,6 +82,7 @@ def test_generate_returns_two_playable_videos_timings_fidelity_and_figures(sessi
     assert len(one_head.axes) == 1 and one_head.axes[0].get_title().startswith("head 1:")
     assert len(result.masks.figure("layer 1").axes) == SPEC.num_heads
     assert "adaptive" in result.masks.notes["layer 1"]
+    assert result.masks.modules == {"layer 1": "blocks.1.attn1"}                # Wan's second self-attention
     assert is_stock(model)
 
 
