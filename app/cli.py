@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from dit_sparse.eval.settings import DTYPE_NAMES
+from dit_sparse.eval.harness.settings import DTYPE_NAMES
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} must be >= 1, got {value}")
     import torch  # after the arguments are checked: --help and argument errors return at once
 
-    from dit_sparse.eval.models import load_model, pick_device, pick_dtype
+    from dit_sparse.eval.harness.models import load_model, pick_device, pick_dtype
 
     try:
         device = pick_device(args.device)

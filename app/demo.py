@@ -24,17 +24,16 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from dit_sparse import SparseAttentionConfig, SparsePipeline
-from dit_sparse.eval.attention_timer import AttentionTimer
-from dit_sparse.eval.cli import MODEL_PROMPTS
-from dit_sparse.eval.configs import config_label
+from dit_sparse.eval.harness.attention_timer import AttentionTimer
+from dit_sparse.eval.harness.configs import config_label
+from dit_sparse.eval.harness.models import EvalModel, GenerationSettings, output_frames
+from dit_sparse.eval.harness.runner import plan_block_masks, timed_call, warmup_settings
+from dit_sparse.eval.harness.settings import MAX_SEED, MODEL_PROMPTS
+from dit_sparse.eval.harness.sparse_stats import SparseRunSummary, summarize_sparse_run
 from dit_sparse.eval.metrics import Fidelity, compare_videos
-from dit_sparse.eval.models import EvalModel, GenerationSettings, output_frames
 from dit_sparse.eval.plots import density_figure
 from dit_sparse.eval.reference.detector import Reading, detect
 from dit_sparse.eval.reference.scoring import agreement
-from dit_sparse.eval.runner import plan_block_masks, timed_call, warmup_settings
-from dit_sparse.eval.settings import MAX_SEED
-from dit_sparse.eval.sparse_stats import SparseRunSummary, summarize_sparse_run
 from dit_sparse.eval.videos import write_video
 
 from .dense_cache import DenseCache, DenseKey, DenseRun
@@ -124,7 +123,7 @@ class DemoSession:
     request at a time, and leaves the pipeline stock between requests, failed ones included.
 
     Args:
-        model: the model to run (see :func:`dit_sparse.eval.models.load_model`).
+        model: the model to run (see :func:`dit_sparse.eval.harness.models.load_model`).
         fps: frame rate of the written mp4s.
         dense_cache_size: dense baselines kept.
     """

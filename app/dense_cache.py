@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dit_sparse.eval.models import GenerationSettings
+from dit_sparse.eval.harness.models import GenerationSettings
 
 
 @dataclass(frozen=True)

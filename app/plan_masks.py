@@ -45,8 +45,8 @@ class PlanMasks:
     @classmethod
     def from_run(cls, block_masks: dict[PlanKey, np.ndarray], plans: list[dict[str, Any]],
                  config_label: str, layer_names: dict[tuple[str, int], str]) -> PlanMasks:
-        """From :func:`~dit_sparse.eval.runner.plan_block_masks`, the plan records of
-        :func:`~dit_sparse.eval.sparse_stats.summarize_sparse_run` (the latest calibration of a
+        """From :func:`~dit_sparse.eval.harness.runner.plan_block_masks`, the plan records of
+        :func:`~dit_sparse.eval.harness.sparse_stats.summarize_sparse_run` (the latest calibration of a
         layer describes its mask) and each ``(transformer, layer)``'s qualified module name
         (``"transformer.blocks.2.attn1"``, as the model's adapter numbers them)."""
         keys = sorted(block_masks)

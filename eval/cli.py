@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 from dit_sparse.config import PATTERNS, SparseAttentionConfig
 
-from .configs import config_grid, config_label, load_config_file, parse_dense_steps
+from .harness.configs import config_grid, config_label, load_config_file, parse_dense_steps
+from .harness.settings import DTYPE_NAMES, MAX_SEED, MODEL_PROMPTS, GenerationSettings
 from .preflight import check_before_loading
-from .settings import DTYPE_NAMES, MAX_SEED, GenerationSettings
 from .vbench_bridge import check_dimensions
 
 if TYPE_CHECKING:
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 # This module imports neither torch nor diffusers at import time: --help and argument errors return
 # at once, and the heavy modules load after the arguments have been checked.
 
-MODEL_PROMPTS = ["A red fox trots through fresh snow at dawn, its breath steaming in the cold air."]
 DEFAULT_HELDOUT = 2  # held-out prompts the reference model runs when no --prompts are given
 
 
@@ -131,7 +130,7 @@ def request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         prompts = _read_prompts(args.prompts) if args.prompts else default_prompts(args.model, args.heldout)
         check_dimensions(args.vbench)
         check_before_loading(args.model, settings, configs, args.out)
-        from .models import pick_device, pick_dtype
+        from .harness.models import pick_device, pick_dtype
 
         device = pick_device(args.device)
     except (ValueError, RuntimeError) as error:

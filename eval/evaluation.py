@@ -21,14 +21,14 @@ from matplotlib.figure import Figure
 
 from dit_sparse import SparseAttentionConfig
 
+from .harness.models import GenerationSettings, load_model
+from .harness.runner import EvalRun, run_evaluation
 from .machine import OtherCpuUse, machine_info
 from .metrics import lpips_status
-from .models import GenerationSettings, load_model
 from .plots import density_figure, mask_figure, save_figure, speedup_vs_psnr_figure, wall_time_figure
 from .preflight import check_before_loading, check_sparse_steps
 from .report import write_json, write_markdown
 from .results import VBenchScores, build_results, own_flicker_scores
-from .runner import EvalRun, run_evaluation
 from .vbench_bridge import ALWAYS_RUN, VBenchPlan, plan_vbench, score_folders
 from .videos import side_by_side, write_video
 

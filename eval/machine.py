@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 
-def machine_info(device: torch.device) -> dict[str, str | int]:
+def machine_info(device: torch.device | None = None) -> dict[str, str | int]:
     """CPU name and core count, torch's thread count, the GPU (when ``device`` is CUDA) and the
     versions of Python, torch and diffusers."""
     info: dict[str, str | int] = {
@@ -31,7 +31,7 @@ def machine_info(device: torch.device) -> dict[str, str | int]:
         "torch": torch.__version__,
         "diffusers": version("diffusers"),
     }
-    if device.type == "cuda":
+    if device is not None and device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda or "unknown"
     return info

@@ -4,7 +4,7 @@ leaves at least one step sparse.
 
 The model's rules and default step count come from a local pipeline folder's config files (the
 shipped reference model's too) (nothing loaded); a hub model id is checked the same way once it has
-loaded (:meth:`~dit_sparse.eval.models.EvalModel.check_video_size` and :func:`check_sparse_steps`).
+loaded (:meth:`~dit_sparse.eval.harness.models.EvalModel.check_video_size` and :func:`check_sparse_steps`).
 
 Example::
 
@@ -23,9 +23,9 @@ from pathlib import Path
 
 from dit_sparse import SparseAttentionConfig
 
-from .configs import config_label
-from .settings import GenerationSettings
-from .video_size import VideoSize, read_json_config
+from .harness.configs import config_label
+from .harness.settings import GenerationSettings
+from .harness.video_size import VideoSize, read_json_config
 
 
 def check_before_loading(

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from .harness.runner import EvalRun, VariantRun
+from .harness.sparse_stats import summarize_sparse_run
 from .metrics import LpipsStatus, compare_videos, mean_over_prompts, temporal_flickering
-from .runner import EvalRun, VariantRun
-from .sparse_stats import summarize_sparse_run
 
 BUSY_CORES = 0.2  # other processes' average CPU use (in cores) above which timings carry a warning
 RANDOM_WEIGHTS_NOTE = (

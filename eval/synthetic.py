@@ -42,11 +42,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from dit_sparse import TokenLayout
 
 HEAD_TYPES = ("local", "temporal", "sink", "semantic")
-# The five kinds of the peer benchmark (eval.study_peers): HEAD_TYPES and whole-frame heads.
+# The five kinds of the peer benchmark (eval.studies.peers): HEAD_TYPES and whole-frame heads.
 PEER_BENCHMARK_TYPES = ("local", "frame", "temporal", "semantic", "sink")
 KINDS = (*HEAD_TYPES, "frame")
 ROPE_BASE = 10000.0
@@ -185,3 +186,9 @@ def _smooth_field(coords: torch.Tensor, grid, dim: int, g: torch.Generator, mode
     waves = torch.cos(2 * math.pi * coords.float() @ freqs.T + phase)
     mix = torch.randn(modes, dim, generator=g) * (2 / modes) ** 0.5
     return waves @ mix
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Dense SDPA in diffusers' ``(B, S, H, D)`` layout: the reference the benchmarks and studies
+    measure sparse attention against."""
+    return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)

@@ -1,5 +1,5 @@
 """The issue's acceptance checks on a small synthetic benchmark (the full-size figures come from
-``python -m dit_sparse.eval.study_families``): at equal density, auto is as good as the best single
+``python -m dit_sparse.eval.studies.families``): at equal density, auto is as good as the best single
 family on every head type and better than every single family on the mix; with the defaults (its
 fallback on) it spends at most a tenth more for a lower error."""
 

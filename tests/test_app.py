@@ -14,8 +14,8 @@ from matplotlib.figure import Figure
 from dit_sparse.app import cli, demo
 from dit_sparse.app.demo import DemoRequest, DemoSession
 from dit_sparse.app.ui import _details, build_demo
-from dit_sparse.eval.models import load_offline_model
-from dit_sparse.eval.offline_model import OfflineWanSpec
+from dit_sparse.eval.harness.models import load_offline_model
+from dit_sparse.eval.harness.offline_model import OfflineWanSpec
 
 SPEC = OfflineWanSpec(num_layers=2, frames=5, height=32, width=32, steps=3)  # 2x8x8 latent tokens
 JOB_TIMEOUT_S = 60
@@ -182,7 +182,7 @@ def test_bad_input_reaches_the_client_as_a_gradio_error(client, frames, budget, 
 def test_the_command_line_serves_on_loopback_after_a_warm_up_and_cleans_up(model, monkeypatch, transformer_calls):
     launches, closed = [], []
     close = DemoSession.close
-    monkeypatch.setattr("dit_sparse.eval.models.load_model", lambda name, device, dtype: model)
+    monkeypatch.setattr("dit_sparse.eval.harness.models.load_model", lambda name, device, dtype: model)
     monkeypatch.setattr("gradio.Blocks.launch", lambda self, **kwargs: launches.append(kwargs))
     monkeypatch.setattr(DemoSession, "close", lambda self: (closed.append(self), close(self)))
     assert cli.main(["--port", "7999"]) == 0
@@ -202,7 +202,7 @@ def test_the_command_line_refuses_bad_flags(argv, message, capsys):
 
 
 def test_the_reference_model_offers_its_prompts_and_the_detector_reads_both_videos():
-    from dit_sparse.eval.models import load_reference_model
+    from dit_sparse.eval.harness.models import load_reference_model
     from dit_sparse.eval.reference import prompt_choices
 
     reference = load_reference_model(torch.device("cpu"), torch.float32)

@@ -1,6 +1,7 @@
 """The attention and calibration benchmarks, run end to end at a tiny size."""
 
-from dit_sparse.eval import bench_attention, bench_calibration
+from dit_sparse.eval.bench import attention as bench_attention
+from dit_sparse.eval.bench import calibration as bench_calibration
 
 TINY = ["--grid", "2", "8", "8", "--heads", "2", "--head-dim", "16", "--warmup", "0", "--repeats", "1"]
 

@@ -111,7 +111,7 @@ def test_python_block_runs(block, one_thread, tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("block", _blocks("yaml"))
 def test_yaml_block_is_a_config_file_that_loads(block, tmp_path):
-    from dit_sparse.eval.configs import load_config_file
+    from dit_sparse.eval.harness.configs import load_config_file
 
     path = tmp_path / "configs.yaml"
     path.write_text(block.code)

@@ -7,7 +7,11 @@ import pkgutil
 
 import pytest
 
-PACKAGES = ["dit_sparse", "dit_sparse.kernels", "dit_sparse.families", "dit_sparse.pipelines", "dit_sparse.eval", "dit_sparse.app"]
+from dit_sparse.eval._moved import MOVED
+
+PACKAGES = ["dit_sparse", "dit_sparse.kernels", "dit_sparse.families", "dit_sparse.pipelines", "dit_sparse.eval",
+            "dit_sparse.eval.harness", "dit_sparse.eval.bench", "dit_sparse.eval.studies", "dit_sparse.app"]
+DEPRECATED = set(MOVED)  # old names of moved commands: the same modules under their new names
 
 
 def _modules() -> list[str]:
@@ -15,7 +19,8 @@ def _modules() -> list[str]:
     for package in PACKAGES:
         names.append(package)
         path = importlib.import_module(package).__path__
-        names += [f"{package}.{m.name}" for m in pkgutil.iter_modules(path) if m.name != "__main__"]
+        names += [f"{package}.{m.name}" for m in pkgutil.iter_modules(path)
+                  if m.name != "__main__" and f"{package}.{m.name}" not in DEPRECATED]
     return names
 
 

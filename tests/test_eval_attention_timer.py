@@ -1,6 +1,6 @@
-from dit_sparse.eval.attention_timer import AttentionTimer
-from dit_sparse.eval.models import EvalModel, GenerationSettings
-from dit_sparse.eval.offline_model import OfflineWanSpec, build_offline_pipeline
+from dit_sparse.eval.harness.attention_timer import AttentionTimer
+from dit_sparse.eval.harness.models import EvalModel, GenerationSettings
+from dit_sparse.eval.harness.offline_model import OfflineWanSpec, build_offline_pipeline
 
 
 def test_the_timer_counts_every_attention_call_and_its_dense_flops():

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from dit_sparse import SparseAttentionConfig
-from dit_sparse.eval.configs import config_grid, config_slug, load_config_file, parse_dense_steps
+from dit_sparse.eval.harness.configs import config_grid, config_slug, load_config_file, parse_dense_steps
 
 
 def test_grid_is_patterns_by_budgets_by_dense_steps():

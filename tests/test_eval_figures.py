@@ -8,7 +8,8 @@ from matplotlib.colors import to_rgba
 from PIL import Image, ImageDraw, ImageFont
 
 from dit_sparse.eval.evaluation import overview_figures
-from dit_sparse.eval.mask_pictures import draw, pictures
+from dit_sparse.eval.studies import mask_pictures
+from dit_sparse.eval.studies.mask_pictures import draw, pictures
 from dit_sparse.eval.plots import mask_figure
 from dit_sparse.eval.videos import LABEL_PX, SEPARATOR_PX, label_band, side_by_side
 
@@ -41,6 +42,15 @@ def test_docs_mask_pictures_follow_the_same_convention():
     assert set(np.unique(picture)) == {0.0, 0.5, 1.0}                     # skipped, text, kept
     assert _legend(fig) == {"kept": WHITE, "skipped": BLACK, "text (always kept)": GREY}
     assert list(_legend(draw(panels, "no text", text_blocks=False))) == ["kept", "skipped"]
+
+
+def test_a_study_writes_under_its_out_folder_default_docs_under_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--grid", "1", "8", "8", "--text", "0", "--block-size", "16", "--output", "tiny"]
+    mask_pictures.main([*tiny, "--out", str(tmp_path / "study-out")])
+    mask_pictures.main(tiny)
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert written == ["docs/img/tiny.png", "study-out/img/tiny.png"]
 
 
 def test_side_by_side_keeps_both_videos_under_their_labels():

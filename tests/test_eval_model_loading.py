@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dit_sparse.eval.cli import main
-from dit_sparse.eval.models import GenerationSettings, load_model, output_frames
+from dit_sparse.eval.harness.models import GenerationSettings, load_model, output_frames
 from dit_sparse.eval.results import RANDOM_WEIGHTS_NOTE
-from dit_sparse.eval.video_size import VideoSize
+from dit_sparse.eval.harness.video_size import VideoSize
 
 WORDS = ["[PAD]", "[UNK]", "</s>", "a", "red", "fox", "in", "the", "snow", "cat", "on", "grass"]
 
@@ -93,7 +93,7 @@ def test_frames_on_an_image_pipeline_are_refused():
         def __call__(self, prompt, num_inference_steps=28, height=None, width=None, output_type="pil", generator=None):
             raise AssertionError("never called")
 
-    from dit_sparse.eval.models import EvalModel
+    from dit_sparse.eval.harness.models import EvalModel
 
     model = EvalModel(ImagePipeline(), "an-image-model", random_weights=False)
     with pytest.raises(ValueError, match="makes images; --frames applies to video pipelines only"):
@@ -107,6 +107,7 @@ def test_the_cli_runs_unchanged_on_a_saved_pipeline(saved_tiny_wan, tmp_path):
                  "--patterns", "adaptive", "--dense-steps", "1", "--densities", "0.5", "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["model"] == {"name": str(saved_tiny_wan), "random_weights": False, "offline_spec": None}
+    assert results["model"] == {"name": str(saved_tiny_wan), "random_weights": False, "offline_spec": None,
+                                "self_attention_layers": {"transformer": ["blocks.0.attn1", "blocks.1.attn1"]}}
     assert RANDOM_WEIGHTS_NOTE not in results["notes"] and results["settings"]["frames_shape"] == [9, 32, 32, 3]
     assert results["configs"][0]["dense_steps"] == 1 and results["configs"][0]["speedup"] > 0

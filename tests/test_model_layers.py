@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dit_sparse import SparseAttentionConfig, apply_sparse_attention
-from dit_sparse.eval.attention_timer import CROSS, OTHER, SELF, AttentionTimer, attention_modules
+from dit_sparse.eval.harness.attention_timer import CROSS, OTHER, SELF, AttentionTimer, attention_modules
 from dit_sparse.pipelines import adapter_for
 from dit_sparse.pipelines.call_arguments import ForwardArguments
 from dit_sparse.pipelines.components import denoisers

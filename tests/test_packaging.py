@@ -1,3 +1,4 @@
+import importlib
 import subprocess
 import sys
 import zipfile
@@ -15,8 +16,11 @@ def test_wheel_installs_subpackages_under_dit_sparse(tmp_path):
     )
     wheel = next(tmp_path.glob("dit_sparse-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for sub in ("kernels", "pipelines", "app", "eval"):
-        assert f"dit_sparse/{sub}/__init__.py" in names
+    sources = {"dit_sparse": ROOT / "dit_sparse", **{f"dit_sparse/{sub}": ROOT / sub
+                                                     for sub in ("kernels", "pipelines", "app", "eval")}}
+    for installed, folder in sources.items():
+        for init in folder.rglob("__init__.py"):  # every package, subpackages included
+            assert f"{installed}/{init.relative_to(folder).as_posix()}" in names, f"the wheel lacks {init.parent}"
     assert "dit_sparse/kernels/block_sparse_attention_torch.py" in names
     model = "dit_sparse/eval/reference/model/"
     for part in ("model_index.json", "transformer/diffusion_pytorch_model.safetensors",
@@ -53,3 +57,17 @@ def test_triton_is_the_gpu_extra_and_all_still_installs_it():
     extras = project["optional-dependencies"]
     assert [r.split(">=")[0] for r in extras["gpu"]] == ["triton"]
     assert "gpu" in extras["all"][0].split("[")[1]
+
+
+def test_moved_commands_still_run_under_their_old_names_with_a_deprecation_warning():
+    from dit_sparse.eval._moved import MOVED
+
+    result = subprocess.run([sys.executable, "-m", "dit_sparse.eval.bench_planner", "--help"],
+                            capture_output=True, text=True, check=True)
+    assert "usage:" in result.stdout
+    assert "DeprecationWarning: dit_sparse.eval.bench_planner moved to dit_sparse.eval.bench.planner" in result.stderr
+    for old, new in MOVED.items():
+        with pytest.warns(DeprecationWarning, match=f"use python -m {new}"):
+            sys.modules.pop(old, None)
+            module = importlib.import_module(old)
+        assert module is importlib.import_module(new) and callable(module.main)

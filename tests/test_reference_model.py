@@ -94,9 +94,9 @@ def test_the_shipped_folder_loads_with_the_stock_wan_pipeline(reference_pipe):
 
 
 def test_the_call_settings_encode_prompts_as_training_did(reference_pipe):
-    from dit_sparse.eval.models import load_reference_model
+    from dit_sparse.eval.harness.models import load_reference_model
     from dit_sparse.eval.reference.train import Denoiser
-    from dit_sparse.eval.settings import GenerationSettings
+    from dit_sparse.eval.harness.settings import GenerationSettings
 
     kwargs = reference_call_kwargs()
     prompts = ["a red circle moving left on a black background",

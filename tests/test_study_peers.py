@@ -1,6 +1,6 @@
 import math
 
-from dit_sparse.eval.study_peers import PATTERNS, markdown, run
+from dit_sparse.eval.studies.peers import PATTERNS, markdown, run
 
 
 def test_peer_study_reports_every_pattern_with_full_and_sampled_errors():

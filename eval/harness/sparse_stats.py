@@ -4,7 +4,7 @@ steps, calibration time, and each head's family, recall and density.
 
 A layer runs sparse at a step when that step made sparse calls and the layer has a plan calibrated at
 or before it (the latest one serves); otherwise it ran dense (density 1). Dense FLOPs per call come
-from :class:`~dit_sparse.eval.attention_timer.AttentionTimer`; a sparse call keeps ``density`` of them.
+from :class:`~dit_sparse.eval.harness.attention_timer.AttentionTimer`; a sparse call keeps ``density`` of them.
 
 Example::
 

@@ -6,7 +6,7 @@ call, the device synchronised on both sides: text encoding, every denoising step
 the conversion to numpy frames), after ``warmup`` untimed calls per variant. A warm-up call is the
 same call cut to the first sparse step (the config's dense steps + 1), which is enough to pay every
 one-time cost (lazy initialisation, allocator growth, kernel selection) of the dense, calibration and
-sparse paths. Attention time comes from :class:`~dit_sparse.eval.attention_timer.AttentionTimer`.
+sparse paths. Attention time comes from :class:`~dit_sparse.eval.harness.attention_timer.AttentionTimer`.
 
 Example::
 

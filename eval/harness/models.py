@@ -76,7 +76,7 @@ class EvalModel:
     def check_video_size(self, settings: GenerationSettings) -> None:
         """Raise a ``ValueError`` naming the nearest valid values when the pipeline would silently round
         or refuse the frame count or the frame size of ``settings`` (see
-        :class:`~dit_sparse.eval.video_size.VideoSize`).
+        :class:`~dit_sparse.eval.harness.video_size.VideoSize`).
 
         Example::
 
@@ -171,7 +171,7 @@ def load_reference_model(device: torch.device, dtype: torch.dtype) -> EvalModel:
     """
     from diffusers import WanPipeline
 
-    from .reference import REFERENCE_MODEL_NAME, reference_call_kwargs, reference_model_dir
+    from ..reference import REFERENCE_MODEL_NAME, reference_call_kwargs, reference_model_dir
 
     pipe = WanPipeline.from_pretrained(reference_model_dir(), torch_dtype=dtype).to(device)
     kwargs = reference_call_kwargs()

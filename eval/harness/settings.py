@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 MAX_SEED = 2**63 - 1  # the largest seed the commands take (a non-negative int64)
+MODEL_PROMPTS = ["A red fox trots through fresh snow at dawn, its breath steaming in the cold air."]  # for --model
 
 
 @dataclass(frozen=True)
