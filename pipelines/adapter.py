@@ -116,8 +116,13 @@ def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
     return adapter
 
 
+def registered_adapters() -> list[ModelAdapter]:
+    """Every registered adapter, by transformer class name."""
+    return sorted(_ADAPTERS.values(), key=lambda adapter: adapter.transformer_class.__name__)
+
+
 def supported_transformers() -> list[str]:
-    return sorted(cls.__name__ for cls in _ADAPTERS)
+    return [adapter.transformer_class.__name__ for adapter in registered_adapters()]
 
 
 def context_parallel_transformers() -> list[str]:
