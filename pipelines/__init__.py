@@ -4,7 +4,7 @@
 Importing this package registers the adapter of every supported transformer class.
 """
 
-from . import cogvideox, flux, hunyuan_video, ltx, wan  # noqa: F401  (register the adapters)
+from . import cogvideox, flux, hunyuan_video, ltx, skyreels_v2, wan  # noqa: F401  (register the adapters)
 from .adapter import ModelAdapter, adapter_for, register_adapter, supported_transformers
 from .hooks import apply_sparse_attention, remove_sparse_attention
 from .sparse_pipeline import SparsePipeline

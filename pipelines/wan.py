@@ -20,6 +20,8 @@ from .processor import SparseAttnProcessor
 class WanSparseAttnProcessor(SparseAttnProcessor):
     """``WanAttnProcessor`` (self-attention branch) with sparse attention."""
 
+    qkv_projections = staticmethod(_get_qkv_projections)  # the stock module's own helper
+
     def __call__(
         self,
         attn: torch.nn.Module,
@@ -28,7 +30,7 @@ class WanSparseAttnProcessor(SparseAttnProcessor):
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query, key, value = self.qkv_projections(attn, hidden_states, encoder_hidden_states)
         query = attn.norm_q(query)
         key = attn.norm_k(key)
         query = query.unflatten(2, (attn.heads, -1))

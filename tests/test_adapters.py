@@ -19,6 +19,7 @@ SELF_ATTENTION = {  # where each model does self-attention (DIFFUSERS.md), by bl
     "CogVideoXTransformer3DModel": [("transformer_blocks", "attn1")],
     "LTXVideoTransformer3DModel": [("transformer_blocks", "attn1")],
     "FluxTransformer2DModel": [("transformer_blocks", "attn"), ("single_transformer_blocks", "attn")],
+    "SkyReelsV2Transformer3DModel": [("blocks", "attn1")],
 }
 
 

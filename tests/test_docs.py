@@ -140,6 +140,19 @@ def test_commands_name_modules_and_flags_that_exist(block):
                 assert f'"{flag}"' in source, f"{block.name}: {module} has no flag {flag}"
 
 
+def test_every_supported_model_has_a_row_naming_its_self_attention_modules():
+    from dit_sparse.pipelines.adapter import registered_adapters
+
+    rows = {line.split("|")[1].strip(" `"): line for line in (ROOT / "docs" / "integration.md").read_text().splitlines()
+            if line.startswith("| `")}
+    for adapter in registered_adapters():
+        name = adapter.transformer_class.__name__
+        assert name in rows, f"docs/integration.md lists no {name}: add its row to the supported models"
+        modules = rows[name].split("|")[3]
+        for blocks, attention in adapter.self_attention:
+            assert f"`{blocks}.{{i}}.{attention}`" in modules, f"{name}'s row does not name {blocks}.{{i}}.{attention}"
+
+
 def test_markers_are_the_comments_right_above_a_fence(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("<!-- needs: a GPU -->\n\n```python\nx = 1\n```\n<!-- app-example -->\n<!-- continues -->\n"

@@ -73,6 +73,8 @@ def _layout_recorder(component, transformer, sequences):
     ("hunyuan_video", {"context_embedder.token_refiner.refiner_blocks.0.attn": OTHER,
                        "transformer_blocks.0.attn": SELF, "single_transformer_blocks.0.attn": SELF}),
     ("wan", {"blocks.0.attn1": SELF, "blocks.0.attn2": CROSS, "blocks.1.attn1": SELF, "blocks.1.attn2": CROSS}),
+    ("skyreels_v2", {"blocks.0.attn1": SELF, "blocks.0.attn2": CROSS, "blocks.1.attn1": SELF,
+                     "blocks.1.attn2": CROSS}),
 ])
 def test_attention_that_is_not_a_sparse_layer_is_not_timed_as_self_attention(tiny, family, kinds):
     case = tiny(family)

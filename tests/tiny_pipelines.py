@@ -26,12 +26,16 @@ from diffusers import (
     HunyuanVideoTransformer3DModel,
     LTXPipeline,
     LTXVideoTransformer3DModel,
+    SkyReelsV2Pipeline,
+    SkyReelsV2Transformer3DModel,
+    UniPCMultistepScheduler,
     WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
 )
 
-FAMILIES = ("wan", "wan_i2v", "wan22", "wan22_ti2v", "hunyuan_video", "cogvideox", "cogvideox_1_5", "ltx", "flux")
+FAMILIES = ("wan", "wan_i2v", "wan22", "wan22_ti2v", "hunyuan_video", "cogvideox", "cogvideox_1_5", "ltx", "flux",
+            "skyreels_v2")
 
 WAN_TRANSFORMER = dict(
     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16, text_dim=32,
@@ -187,6 +191,14 @@ def _build_flux() -> TinyCase:
     return TinyCase("flux", pipe, inputs, steps=3)
 
 
+def _build_skyreels_v2() -> TinyCase:
+    transformer = SkyReelsV2Transformer3DModel(**WAN_TRANSFORMER)  # Wan 2.1's architecture
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
+    pipe = SkyReelsV2Pipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=None, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return TinyCase("skyreels_v2", pipe, {**_text(8, 32), "height": 64, "width": 64, "num_frames": 17}, steps=4)
+
+
 _BUILDERS: dict[str, Callable[[], TinyCase]] = {
     "wan": _build_wan,
     "wan_i2v": _build_wan_i2v,
@@ -197,4 +209,5 @@ _BUILDERS: dict[str, Callable[[], TinyCase]] = {
     "cogvideox_1_5": _build_cogvideox_1_5,
     "ltx": _build_ltx,
     "flux": _build_flux,
+    "skyreels_v2": _build_skyreels_v2,
 }
