@@ -118,3 +118,15 @@ def test_each_adapter_says_where_its_text_is_as_its_token_layouts_do(tiny):
                 continue
             placement = {(False, False): "cross-attention", (True, True): "first", (True, False): "last"}
             assert {placement[(layout.text_len > 0, layout.text_first)] for layout in layouts} == {adapter.text}
+
+
+def test_a_mask_layer_the_model_lacks_is_refused_naming_its_layers_before_generating():
+    from dit_sparse.eval.harness.models import EvalModel, GenerationSettings
+    from dit_sparse.eval.harness.offline_model import OfflineWanSpec, build_offline_pipeline
+    from dit_sparse.eval.harness.runner import run_evaluation
+
+    spec = OfflineWanSpec(num_layers=2)
+    model = EvalModel(build_offline_pipeline(spec), "tiny offline Wan", random_weights=True, offline_spec=spec)
+    with pytest.raises(ValueError, match=r"--mask-layer 2 does not exist: the model has self-attention layers 0\.\.1 "
+                                         r"\(transformer\.blocks\.0\.attn1 \.\. transformer\.blocks\.1\.attn1\)"):
+        run_evaluation(model, [CONFIG], ["a red fox"], GenerationSettings(steps=2), mask_layer=2)
