@@ -2,6 +2,9 @@
 legend) in the eval, the demo and the docs, labelled side-by-side videos, and a wall-time figure
 instead of a one-dot speed/quality plot."""
 
+import argparse
+from pathlib import Path
+
 import numpy as np
 import pytest
 from matplotlib.colors import to_rgba
@@ -9,6 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dit_sparse.eval.evaluation import overview_figures
 from dit_sparse.eval.studies import mask_pictures
+from dit_sparse.eval.studies.common import add_out_argument
 from dit_sparse.eval.studies.mask_pictures import draw, pictures
 from dit_sparse.eval.plots import mask_figure
 from dit_sparse.eval.videos import LABEL_PX, SEPARATOR_PX, label_band, side_by_side
@@ -46,11 +50,12 @@ def test_docs_mask_pictures_follow_the_same_convention():
 
 def test_a_study_writes_under_its_out_folder_default_docs_under_the_working_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    tiny = ["--grid", "1", "8", "8", "--text", "0", "--block-size", "16", "--output", "tiny"]
-    mask_pictures.main([*tiny, "--out", str(tmp_path / "study-out")])
-    mask_pictures.main(tiny)
-    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert written == ["docs/img/tiny.png", "study-out/img/tiny.png"]
+    mask_pictures.main(["--grid", "1", "8", "8", "--text", "0", "--block-size", "16", "--output", "tiny",
+                        "--out", "study-out"])
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()] == ["study-out/img/tiny.png"]
+    parser = argparse.ArgumentParser()
+    add_out_argument(parser)
+    assert parser.parse_args([]).out == Path("docs")  # relative: the docs of the folder it runs from
 
 
 def test_side_by_side_keeps_both_videos_under_their_labels():
