@@ -114,7 +114,7 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="pass the layout of this attention call"):
         build_plan(q[:, :-1], k[:, :-1], layout, SparseAttentionConfig())
     calibration = calibrate(q, k, layout, SparseAttentionConfig(pattern="adaptive"))
-    with pytest.raises(ValueError, match="no block mass over the semantic order; calibrate with pattern=.semantic."):
+    with pytest.raises(ValueError, match="no block mass over the clusters, semantic order; calibrate with pattern=.semantic."):
         plan_from_calibration(calibration, SparseAttentionConfig(pattern="semantic"))
     with pytest.raises(ValueError, match="measured with blocks"):
         plan_from_calibration(calibration, SparseAttentionConfig(pattern="adaptive", block_size=128))
@@ -189,5 +189,25 @@ def test_auto_defaults_keep_almost_every_head_sparse_even_when_every_head_errs()
     plan, report = build_plan(q, k, layout, SparseAttentionConfig(), v=v)
     dense = sum(name == "dense" for name in report.family[0])
     assert dense <= 0.25 * 24 and (report.error > 0.05).all()
-    target = target_density(Budget(density=0.15), layout, 64)
-    assert float(video_density(plan.to_block_mask(), layout, (64, 64)).mean()) <= 1.1 * target + 1e-6
+    assert float(video_density(plan.to_block_mask(), layout, (64, 64)).mean()) <= 1.1 * 0.15 + 1e-6
+
+
+def test_auto_may_plan_semantic_heads_on_cluster_aligned_blocks(synthetic):
+    """The semantic family's cluster-aligned variant competes by estimated error like any other: a
+    head that takes it keeps the clusters' block boundaries in the plan (the other heads fixed blocks
+    followed by empty ones), its estimated error is its exact error, and the plan stays exact."""
+    data, calibration = synthetic
+    plan, report = plan_from_calibration(calibration, SparseAttentionConfig(density=0.25, max_error=float("inf")))
+    clusters = calibration.starts["clusters"]
+    on_clusters = [
+        bool(torch.equal(plan.block_starts("q")[0, h], clusters[0][0, h]))
+        and bool(torch.equal(plan.block_starts("kv")[0, h], clusters[1][0, h]))
+        for h in range(plan.num_heads)
+    ]
+    assert plan.variable_blocks and any(on_clusters)
+    assert all(report.family[0][h] == "semantic" for h, chosen in enumerate(on_clusters) if chosen)
+    assert torch.allclose(report.error, _sampled_error(data, plan, calibration.rows.rows), atol=1e-4)
+    torch.testing.assert_close(
+        sparse_attention(data.q, data.k, data.v, plan, backend="torch"),
+        sparse_attention(data.q, data.k, data.v, plan, backend="torch_reference"), atol=1e-5, rtol=1e-5,
+    )
