@@ -118,7 +118,7 @@ def block_sparse_attention_torch(
         chunks = _chunks(sparse_rows, counts[sparse_rows], bk * dim)
         work = partial(
             _attend_gathered, q_src, q_index, out_index, k_blocks, v_blocks, key_ok, offsets, indices, out,
-            heads, n_q, n_k, scale, chunks,
+            n_q, n_k, scale, chunks,
         )
         workers = min(torch.get_num_threads(), len(chunks)) if q.device.type == "cpu" else 1
         if workers == 1:
@@ -183,7 +183,7 @@ def _chunks(rows: torch.Tensor, counts: torch.Tensor, block_elements: int) -> li
 
 
 def _attend_gathered(
-    q_src, q_index, out_index, k_blocks, v_blocks, key_ok, offsets, indices, out, heads, n_q, n_k, scale, chunks, todo
+    q_src, q_index, out_index, k_blocks, v_blocks, key_ok, offsets, indices, out, n_q, n_k, scale, chunks, todo
 ):
     """For each chunk number in ``todo`` (rows that attend ``count`` key blocks each): gather the
     chunk's queries and key and value blocks into this thread's buffers, attend, and write its rows
