@@ -240,6 +240,10 @@ class BlockSparsePlan:
         starts = self.block_starts(which)
         return starts[..., 1:] - starts[..., :-1]
 
+    def text_blocks(self, which: str) -> torch.Tensor:
+        """``[B|1, H|1, n]``: the query (``"q"``) or key (``"kv"``) blocks that hold any text."""
+        return _text_blocks(self.block_starts(which), self.layout)
+
     def position_blocks(self, which: str, batch_size: int | None = None) -> torch.Tensor:
         """``[B, H, S]``: the query (``"q"``) or key (``"kv"``) block of each position of the plan's order."""
         batch = self._resolve_batch(batch_size)
