@@ -131,11 +131,9 @@ def estimate_errors(
         for b in range(batch):
             for h in range(heads):
                 keys = kv_order[b, h]
-                slots, real = _slots(k_bounds[b, h], bk)                                     # [nK, bk]
-                scores = (sample.q_rows[b, :, h].float() * scale) @ k[b, keys, h].float().T
-                scores = (scores + key_bias[b, keys])[:, slots].masked_fill(~real, float("-inf"))
+                scores = (sample.q_rows[b, :, h].float() * scale) @ k[b, keys, h].float().T + key_bias[b, keys]
+                scores, values = _key_blocks(scores, v[b, keys, h].float(), k_bounds[b, h], bk, name in starts)
                 weights = (scores - scores.flatten(1).amax(-1)[:, None, None]).exp()        # [R, nK, bk]
-                values = v[b, keys, h].float()[slots] * real[..., None]                     # [nK, bk, D]
                 numer = torch.einsum("rcj,cjd->rcd", weights, values)                    # [R, nK, D]
                 denom = weights.sum(-1)                                                  # [R, nK]
                 dense = numer.sum(1) / denom.sum(1, keepdim=True)
@@ -169,10 +167,19 @@ def _bounds(starts: torch.Tensor | None, layout: TokenLayout, block: int, batch:
     return _per_head(block_bounds(None if starts is None else starts.long(), layout, block, device), batch, heads)
 
 
-def _slots(bounds: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[n, block]`` the position each slot of each block reads (a real one past the block's end)
-    and whether it holds a token of the block."""
+def _key_blocks(
+    scores: torch.Tensor, values: torch.Tensor, bounds: torch.Tensor, block: int, variable: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[R, S]`` scores and ``[S, D]`` values (in key order) as ``[R, nK, block]`` and
+    ``[nK, block, D]``: slots past a block's end hold ``-inf`` scores and zero values (fixed blocks: a
+    view, the last block padded)."""
+    n = bounds.shape[0] - 1
+    if not variable:
+        pad = n * block - scores.shape[-1]
+        scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
+        return scores.view(-1, n, block), torch.nn.functional.pad(values, (0, 0, 0, pad)).view(n, block, -1)
     slots = bounds[:-1, None] + torch.arange(block, device=bounds.device)
     real = slots < bounds[1:, None]
-    return torch.where(real, slots, 0), real
+    slots = torch.where(real, slots, 0)
+    return scores[:, slots].masked_fill(~real, float("-inf")), values[slots] * real[..., None]
 

@@ -135,10 +135,10 @@ def block_mass_torch_orders(
     starts = [tuple(pair[2:]) if len(pair) == 4 else (None, None) for pair in orders]
     orders = [tuple(pair[:2]) for pair in orders]
     q_blocks = [original_blocks(q_order, q_starts, bq, batch, heads)[..., rows] for (q_order, _), (q_starts, _) in zip(orders, starts)]
-    k_blocks = [None if kv_starts is None else original_blocks(kv_order, kv_starts, bk, batch, heads)
-                for (_, kv_order), (_, kv_starts) in zip(orders, starts)]
+    k_bounds = [None if kv_starts is None else kv_starts.to(device).long().expand(batch, heads, -1).reshape(batch * heads, -1)
+                for _, kv_starts in starts]
     counts = [(n_q if q_s is None else q_s.shape[-1] - 1, n_k if kv_s is None else kv_s.shape[-1] - 1) for q_s, kv_s in starts]
-    shared = [i for i, (_, kv_order) in enumerate(orders) if kv_order.dim() == 1 and k_blocks[i] is None]
+    shared = [i for i, (_, kv_order) in enumerate(orders) if kv_order.dim() == 1 and k_bounds[i] is None]
     cells = _shared_cells([orders[i][1] for i in shared], bk) if shared else None
     masses = [torch.zeros(batch * heads, *count, dtype=torch.float32, device=device) for count in counts]
     qf = q.reshape(batch * heads, seq, dim)
@@ -159,9 +159,9 @@ def block_mass_torch_orders(
             if cells is not None:
                 per_cell = weights.view(groups, count, -1, cells[0]).sum(-1)
             for i, (_, kv_order) in enumerate(orders):
-                if k_blocks[i] is not None:
-                    index = k_blocks[i].expand(batch * heads, -1)[group][:, None, :].expand_as(weights)
-                    per_block = weights.new_zeros(groups, count, counts[i][1]).scatter_add_(2, index, weights)
+                if k_bounds[i] is not None:
+                    order = kv_order.expand(batch, heads, seq).reshape(batch * heads, seq)[group]
+                    per_block = _variable_block_sums(weights, order, k_bounds[i][group])
                 elif cells is not None and i in shared:
                     per_block = per_cell.new_zeros(groups, count, n_k).index_add_(2, cells[1][shared.index(i)], per_cell)
                 elif kv_order.dim() == 1:
@@ -204,6 +204,22 @@ def original_blocks(order: torch.Tensor, starts: torch.Tensor | None, block: int
 def _per_head(order: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     """``[1, S]`` for an order shared by every head, ``[B*H, S]`` for per-head orders."""
     return order.view(1, -1) if order.dim() == 1 else order.expand(batch, heads, -1).reshape(batch * heads, -1)
+
+
+def _variable_block_sums(weights: torch.Tensor, order: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """``[G, R, S]`` weights (original key order) summed over the variable key blocks of ``order``
+    (``[G, S]``) that ``bounds`` (``[G, n + 1]``) delimit: differences of the running sum in key
+    order, in fp64, a few rows at a time (memory stays about that of ``weights``)."""
+    groups, count, seq = weights.shape
+    out = weights.new_empty(groups, count, bounds.shape[-1] - 1)
+    step = max(1, count // 4)
+    for first in range(0, count, step):
+        rows = weights[:, first : first + step]
+        running = rows.gather(-1, order[:, None, :].expand_as(rows)).double().cumsum_(-1)
+        running = torch.nn.functional.pad(running, (1, 0))
+        at = running.gather(-1, bounds[:, None, :].expand(groups, rows.shape[1], -1))
+        out[:, first : first + step] = at[..., 1:] - at[..., :-1]
+    return out
 
 
 def _block_sums(x: torch.Tensor, n_blocks: int, block: int) -> torch.Tensor:
