@@ -190,11 +190,16 @@ def _plan_rows(plan: BlockSparsePlan) -> tuple:
     return plan.kv_counts, plan.kv_offsets, plan.kv_indices, plan.block_size_q, plan.block_size_k
 
 
+def _plan_starts(plan: BlockSparsePlan) -> dict:
+    """The plan's variable block boundaries (``None`` for fixed blocks), as the kernels take them."""
+    return {"q_starts": plan.q_starts, "kv_starts": plan.kv_starts}
+
+
 def _torch_kernel(q, k, v, plan: BlockSparsePlan, valid, scale, q_rows=None, kv_rows=None):
     from dit_sparse.kernels.block_sparse_attention_torch import block_sparse_attention_torch
 
     return block_sparse_attention_torch(
-        q, k, v, *_plan_rows(plan), kv_valid_len=valid, scale=scale, q_rows=q_rows, kv_rows=kv_rows
+        q, k, v, *_plan_rows(plan), kv_valid_len=valid, scale=scale, q_rows=q_rows, kv_rows=kv_rows, **_plan_starts(plan)
     )
 
 
@@ -206,7 +211,9 @@ def _triton_kernel(q, k, v, plan: BlockSparsePlan, valid, scale):
 
     batch = q.shape[0]
     rows = plan.cached(("row_order", batch), lambda: heavy_first_row_order(plan.kv_counts, batch))
-    return block_sparse_attention_triton(q, k, v, *_plan_rows(plan), kv_valid_len=valid, scale=scale, row_order=rows)
+    return block_sparse_attention_triton(
+        q, k, v, *_plan_rows(plan), kv_valid_len=valid, scale=scale, row_order=rows, **_plan_starts(plan)
+    )
 
 
 def _flex_kernel(q, k, v, plan: BlockSparsePlan, valid, scale):

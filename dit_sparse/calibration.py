@@ -58,9 +58,14 @@ def measure_block_masses(
     backend: str = "auto",
     rows_per_block: int | None = None,
     seed: int = 0,
+    starts: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`measure_block_mass` over several named ``(q_order, kv_order)`` pairs: on CUDA one
     Triton pass per order; elsewhere one chunked pass over the scores serves every order.
+
+    ``starts``: by the same names, ``(q_starts, kv_starts)`` variable block boundaries
+    ``[B|1, H|1, n + 1]`` of orders cut into variable blocks (cluster-aligned ones); those orders
+    are measured on the PyTorch path, on any device.
 
     ``rows_per_block`` (PyTorch path only): measure each query block's mass on a seeded random
     sample of about that many of its queries (see :func:`sample_query_rows`) instead of all of them.
@@ -77,45 +82,51 @@ def measure_block_masses(
     """
     if not orders:
         return {}
+    starts = starts or {}
     if resolve_backend(backend, q.device) == "triton":
-        return {
+        measured = {
             name: measure_block_mass(q, k, layout, block_size, order=q_order, kv_order=kv_order, backend=backend)
-            for name, (q_order, kv_order) in orders.items()
+            for name, (q_order, kv_order) in orders.items() if name not in starts
         }
-    from dit_sparse.kernels.block_mass_torch import block_mass_torch_orders
+        variable = {name: pair for name, pair in orders.items() if name in starts}
+        return {**measured, **measure_block_masses(q, k, layout, block_size, variable, "torch", rows_per_block, seed, starts)}
+    from dit_sparse.kernels.block_mass_torch import block_mass_torch_orders, original_blocks
 
     bq, bk = (block_size, block_size) if isinstance(block_size, int) else block_size
     padding = layout.key_padding(q.shape[0]).to(q.device)
     bias = torch.zeros(padding.shape, device=q.device).masked_fill_(padding, float("-inf")) if padding.any() else None
-    pairs = [tuple(o.to(q.device) for o in pair) for pair in orders.values()]
-    rows = sample_query_rows(q.shape[1], bq, [q_order for q_order, _ in pairs], rows_per_block, seed)
+    pairs = [tuple(o.to(q.device) for o in pair) + starts.get(name, ()) for name, pair in orders.items()]
+    batch, heads = q.shape[0], q.shape[2]
+    q_blocks = [original_blocks(pair[0], pair[2] if len(pair) == 4 else None, bq, batch, heads) for pair in pairs]
+    rows = sample_query_rows(q.shape[1], bq, q_blocks, rows_per_block, seed)
     masses = block_mass_torch_orders(q.transpose(1, 2), k.transpose(1, 2), bq, bk, pairs, bias, query_rows=rows)
     return dict(zip(orders, masses))
 
 
 def sample_query_rows(
-    seq: int, block_size: int, q_orders: list[torch.Tensor], rows_per_block: int | None, seed: int = 0
+    seq: int, block_size: int, q_blocks: list[torch.Tensor], rows_per_block: int | None, seed: int = 0
 ) -> torch.Tensor | None:
     """Original positions of the queries a block-mass measurement samples: each query with
-    probability ``rows_per_block / block_size`` (seeded), plus every query of any block, in any of
-    ``q_orders`` (``[S]`` or ``[B, H, S]``), that the draw left empty. ``None`` (every query) when
-    ``rows_per_block`` is ``None`` or more than a quarter of the block size: a sample is taken only
-    where it cuts the measurement at least fourfold.
+    probability ``rows_per_block / block_size`` (seeded), plus every query of any block that the
+    draw left empty, in any of ``q_blocks`` (``[..., S]``: the query block of each original
+    position, in one order). ``None`` (every query) when ``rows_per_block`` is ``None`` or more than
+    a quarter of the block size: a sample is taken only where it cuts the measurement at least
+    fourfold.
 
     Example::
 
-        >>> rows = sample_query_rows(4096, 64, [torch.arange(4096)], 16)
+        >>> rows = sample_query_rows(4096, 64, [torch.arange(4096) // 64], 16)
         >>> 0.2 < rows.numel() / 4096 < 0.3
         True
     """
     if rows_per_block is None or 4 * rows_per_block > block_size:
         return None
-    device = q_orders[0].device
+    device = q_blocks[0].device
     generator = torch.Generator().manual_seed(seed)
     keep = (torch.rand(seq, generator=generator) < rows_per_block / block_size).to(device)
-    n_blocks = -(-seq // block_size)
-    for q_order in q_orders:
-        blocks = (torch.argsort(q_order, dim=-1) // block_size).reshape(-1, seq)
-        hits = torch.zeros(blocks.shape[0], n_blocks, device=device).scatter_add_(1, blocks, keep.float().expand_as(blocks))
+    for blocks in q_blocks:
+        blocks = blocks.reshape(-1, seq)
+        hits = torch.zeros(blocks.shape[0], int(blocks.max()) + 1, device=device)
+        hits.scatter_add_(1, blocks, keep.float().expand_as(blocks))
         keep |= (hits == 0).gather(1, blocks).any(0)
     return torch.nonzero(keep).squeeze(1)

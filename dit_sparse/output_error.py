@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from .layout import TokenLayout
+from .plan import _bounds as block_bounds
+from .plan import _text_blocks
 
 __all__ = ["Candidate", "RowSample", "estimate_errors", "sample_rows"]
 
@@ -84,6 +86,7 @@ def estimate_errors(
     orders: dict[str, tuple[torch.Tensor, torch.Tensor]],
     candidates: list[Candidate],
     plan_batch: int,
+    starts: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """``[C, plan_batch, H]`` relative output error ``||sparse - dense|| / ||dense||`` of each
     candidate on the sampled rows, per head. Text blocks are attended as in a plan (every text key
@@ -96,6 +99,8 @@ def estimate_errors(
         candidates: the masks to score.
         plan_batch: 1 when the masks are shared by the batch (errors pool every element's rows),
             else the batch size.
+        starts: by order name, ``(q_starts, kv_starts)`` ``[B|1, H|1, n + 1]`` when the masks over
+            that order are over variable blocks (cluster-aligned ones); fixed blocks otherwise.
 
     Example::
 
@@ -111,9 +116,7 @@ def estimate_errors(
     layout, k, v = sample.layout, sample.k, sample.v
     batch, seq, heads, dim = k.shape
     bq, bk = block_size
-    n_k = layout.num_blocks(bk)
-    n_video_q = layout.num_video_blocks(bq)
-    text_key = torch.arange(n_k, device=k.device) >= layout.num_video_blocks(bk)
+    starts = starts or {}
     scale = dim**-0.5
     key_bias = torch.zeros(batch, seq, device=k.device).masked_fill_(layout.key_padding(batch).to(k.device), float("-inf"))
     sq_err = torch.zeros(len(candidates), batch, heads, device=k.device, dtype=torch.float64)
@@ -124,20 +127,22 @@ def estimate_errors(
         if not members:
             continue
         q_order, kv_order = (_per_head(o, batch, heads) for o in (q_order, kv_order))
+        q_bounds, k_bounds = (_bounds(b, layout, size, batch, heads, k.device) for b, size in zip(starts.get(name, (None, None)), block_size))
         for b in range(batch):
             for h in range(heads):
                 keys = kv_order[b, h]
-                scores = (sample.q_rows[b, :, h].float() * scale) @ k[b, keys, h].float().T
-                scores = _pad_keys(scores + key_bias[b, keys], n_k * bk, float("-inf"))
-                weights = (scores - scores.amax(-1, keepdim=True)).exp().view(-1, n_k, bk)
-                values = _pad_keys(v[b, keys, h].float().T, n_k * bk, 0.0).T.reshape(n_k, bk, dim)
+                scores = (sample.q_rows[b, :, h].float() * scale) @ k[b, keys, h].float().T + key_bias[b, keys]
+                scores, values = _key_blocks(scores, v[b, keys, h].float(), k_bounds[b, h], bk, name in starts)
+                weights = (scores - scores.flatten(1).amax(-1)[:, None, None]).exp()        # [R, nK, bk]
                 numer = torch.einsum("rcj,cjd->rcd", weights, values)                    # [R, nK, D]
                 denom = weights.sum(-1)                                                  # [R, nK]
                 dense = numer.sum(1) / denom.sum(1, keepdim=True)
                 if reference_pending:
                     sq_ref[b, h] = dense.double().pow(2).sum()
-                q_block = TokenLayout.inverse(q_order[b, h])[sample.rows] // bq
-                text_row = (q_block >= n_video_q)[:, None]
+                position = TokenLayout.inverse(q_order[b, h])[sample.rows]
+                q_block = torch.searchsorted(q_bounds[b, h, 1:], position, right=True)
+                text_key = _text_blocks(k_bounds[b, h], layout)
+                text_row = _text_blocks(q_bounds[b, h], layout)[q_block][:, None]
                 for i in members:
                     mask = candidates[i].mask
                     row_mask = mask[min(b, mask.shape[0] - 1), h, q_block] | text_key | text_row   # [R, nK]
@@ -157,5 +162,24 @@ def _per_head(order: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     return order.expand(batch, heads, -1)
 
 
-def _pad_keys(x: torch.Tensor, length: int, value: float) -> torch.Tensor:
-    return x if x.shape[-1] == length else torch.nn.functional.pad(x, (0, length - x.shape[-1]), value=value)
+def _bounds(starts: torch.Tensor | None, layout: TokenLayout, block: int, batch: int, heads: int, device) -> torch.Tensor:
+    """``[B, H, n + 1]`` block boundaries (those of fixed blocks when ``starts`` is ``None``)."""
+    return _per_head(block_bounds(None if starts is None else starts.long(), layout, block, device), batch, heads)
+
+
+def _key_blocks(
+    scores: torch.Tensor, values: torch.Tensor, bounds: torch.Tensor, block: int, variable: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[R, S]`` scores and ``[S, D]`` values (in key order) as ``[R, nK, block]`` and
+    ``[nK, block, D]``: slots past a block's end hold ``-inf`` scores and zero values (fixed blocks: a
+    view, the last block padded)."""
+    n = bounds.shape[0] - 1
+    if not variable:
+        pad = n * block - scores.shape[-1]
+        scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
+        return scores.view(-1, n, block), torch.nn.functional.pad(values, (0, 0, 0, pad)).view(n, block, -1)
+    slots = bounds[:-1, None] + torch.arange(block, device=bounds.device)
+    real = slots < bounds[1:, None]
+    slots = torch.where(real, slots, 0)
+    return scores[:, slots].masked_fill(~real, float("-inf")), values[slots] * real[..., None]
+

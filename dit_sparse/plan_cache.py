@@ -17,7 +17,9 @@ from .plan import BlockSparsePlan
 from .planner import PlanReport
 
 FORMAT = "dit-sparse-plans"
-FORMAT_VERSION = 1
+# 1: fixed blocks only. 2: plans may carry variable block boundaries (q_starts, kv_starts).
+# Every version up to this one loads.
+FORMAT_VERSION = 2
 
 Geometry = tuple[tuple[int, int, int], int, bool]
 
@@ -185,6 +187,12 @@ class PlanCache:
             header = json.loads((f.metadata() or {}).get("dit_sparse", "null") or "null")
             if not isinstance(header, dict) or header.get("format") != FORMAT:
                 raise ValueError(f"{path} is not a dit-sparse plan file (no 'dit_sparse' metadata)")
+            version = header.get("version")
+            if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+                raise ValueError(
+                    f"{path} is a plan file of format version {version!r}; this dit-sparse reads versions 1 to "
+                    f"{FORMAT_VERSION}: upgrade dit-sparse or calibrate anew"
+                )
             _check_same(f"{path} holds plans for another model", header["model"], model)
             _check_same(f"{path} holds plans made with another config", header["config"], config)
             stored = {name: f.get_tensor(name) for name in f.keys()}
@@ -221,6 +229,7 @@ def _fingerprint(plan: BlockSparsePlan) -> tuple:
     return (
         plan.layout.geometry, plan.block_size_q, plan.block_size_k, tuple(plan.kv_counts.shape),
         plan.kv_indices.numel(), checksum, plan.q_order is None, plan.kv_order is None,
+        plan.q_starts is None, plan.kv_starts is None,
     )
 
 
@@ -230,7 +239,8 @@ def _equal_plans(a: BlockSparsePlan, b: BlockSparsePlan) -> bool:
             return x is None and y is None
         return x.shape == y.shape and bool(torch.equal(x, y.to(x.device)))
 
-    return all(same(getattr(a, name), getattr(b, name)) for name in ("kv_counts", "kv_indices", "q_order", "kv_order"))
+    names = ("kv_counts", "kv_indices", "q_order", "kv_order", "q_starts", "kv_starts")
+    return all(same(getattr(a, name), getattr(b, name)) for name in names)
 
 
 def _check_same(problem: str, stored: dict[str, Any], expected: dict[str, Any]) -> None:

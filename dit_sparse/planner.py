@@ -13,7 +13,7 @@ family whose mask keeps the most measured attention mass, and heads below ``min_
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,6 +42,7 @@ from .families.semantic import SemanticClustering
 from .layout import TokenLayout
 from .output_error import Candidate, RowSample, estimate_errors
 from .plan import BlockSparsePlan
+from .plan import _bounds as block_bounds
 from .scoring import BestPerHead, recall, target_density, video_density
 from .ulysses import UlyssesGroup
 
@@ -73,11 +74,12 @@ class PlanReport:
 
 
 # The token orders a family's variants use: the tile order, the raster order, the position-major
-# order (all shared by every head) and each head's cluster orders.
+# order (all shared by every head) and each head's cluster orders, in fixed blocks ("semantic") or
+# in cluster-aligned blocks ("clusters").
 FAMILY_ORDERS = {
     "radial": ("tile", "raster"),
     "spatiotemporal": ("tile", "raster", "position"),
-    "semantic": ("semantic",),
+    "semantic": ("semantic", "clusters"),
     "adaptive": ("tile",),
     "radial_paper": ("raster",),
     "svg1": ("raster", "position"),
@@ -101,6 +103,8 @@ class Calibration:
         rows: the sampled query rows, keys and values for the output-error estimate (``None`` when
             the pattern does not choose by error).
         ulysses: the group the layer's heads are split over (``None``: this call holds them all).
+        starts: by order name, the ``(q_starts, kv_starts)`` ``[B, H, n + 1]`` boundaries of orders
+            cut into variable blocks (``"clusters"``: the semantic family's cluster-aligned blocks).
     """
 
     layout: TokenLayout
@@ -114,6 +118,7 @@ class Calibration:
     seconds: float
     rows: RowSample | None = None
     ulysses: UlyssesGroup | None = None
+    starts: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def tile_order(self) -> torch.Tensor:
@@ -186,12 +191,12 @@ def calibrate(
     families = FAMILIES if config.pattern == "auto" else () if config.pattern == "dense" else (config.pattern,)
     needed = {name for family in families for name in FAMILY_ORDERS[family]}
     orders = {"tile": (layout.tile_order(tile).to(q.device),) * 2}
-    clustering = None
+    clustering, starts = None, {}
     if "raster" in needed:
         orders["raster"] = (layout.identity_order().to(q.device),) * 2
     if "position" in needed:
         orders["position"] = (layout.position_order().to(q.device),) * 2
-    if "semantic" in needed:
+    if "semantic" in needed or "clusters" in needed:
         q_in, k_in = (x.mean(0, keepdim=True) if share_batch else x for x in (q, k))
         counts = (config.query_clusters, config.key_clusters)
         if config.pattern == "svg2":
@@ -201,8 +206,12 @@ def calibrate(
         }
         clustering = cluster_heads(q_in, k_in, layout, *counts, config.kmeans_iters, config.seed, **heads)
         orders["semantic"] = clustering.orders(layout)
+        if "clusters" in needed:
+            orders["clusters"] = orders["semantic"]
+            starts["clusters"] = tuple(s.to(q.device) for s in clustering.block_starts(layout, blocks))
     measured = measure_block_masses(
-        q, k, layout, blocks, {n: o for n, o in orders.items() if n in needed}, config.backend, config.mass_rows, config.seed
+        q, k, layout, blocks, {n: o for n, o in orders.items() if n in needed}, config.backend, config.mass_rows,
+        config.seed, starts,
     )
     masses = {name: _batch_mean(mass, share_batch) for name, mass in measured.items()}
     rows = None
@@ -212,7 +221,8 @@ def calibrate(
         rows = RowSample.of(q, k, v, layout, SVG1_PROFILE_ROWS, config.seed, within=SVG1_PROFILE_FIRST_TOKENS)
     batch = 1 if share_batch else q.shape[0]
     return Calibration(
-        layout, blocks, tile, batch, q.shape[2], orders, masses, clustering, time.perf_counter() - start, rows, ulysses
+        layout, blocks, tile, batch, q.shape[2], orders, masses, clustering, time.perf_counter() - start, rows, ulysses,
+        starts,
     )
 
 
@@ -242,20 +252,55 @@ def plan_from_calibration(
     best = BestPerHead(budget, layout, blocks)
     candidates = [c for family in families for c in _candidates(family, calibration, budget)]
     for candidate in candidates:
-        best.offer(candidate.mask, calibration.masses[candidate.orders])
+        best.offer_scores(*_recall_and_density(calibration, candidate))
     chosen = [[candidates[i] for i in row] for row in best.index.tolist()]
-    mask, kept = best.mask, best.recall
+    kept = best.recall
     family = [[c.family for c in row] for row in chosen]
-    order_names = [[c.orders for c in row] for row in chosen]
+    dense = torch.zeros_like(kept, dtype=torch.bool)
     if config.pattern == "auto" and config.min_recall is not None:
         dense = kept < config.min_recall
-        mask = mask | dense[..., None, None]
         kept = torch.where(dense, 1.0, kept)
         family = [[name if not d else "dense" for name, d in zip(names, row)] for names, row in zip(family, dense.tolist())]
-    q_order, kv_order = _orders(calibration, order_names)
-    plan = BlockSparsePlan.from_block_mask(mask, layout, blocks, q_order=q_order, kv_order=kv_order)
+    plan = _assemble(calibration, candidates, best.index, dense)
     seconds = calibration.seconds + time.perf_counter() - start
     return plan, PlanReport(family, kept, plan.density(per_head=True), seconds)
+
+
+def _recall_and_density(calibration: Calibration, candidate: Candidate) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, H]`` recall of a candidate on the block mass over its order, and its video density."""
+    layout, blocks, starts = calibration.layout, calibration.block_size, calibration.starts.get(candidate.orders)
+    kept = recall(calibration.masses[candidate.orders], candidate.mask, layout, blocks[0], starts)
+    return kept, video_density(candidate.mask, layout, blocks, starts).float().expand_as(kept)
+
+
+def _assemble(
+    calibration: Calibration, candidates: list[Candidate], index: torch.Tensor, dense: torch.Tensor
+) -> BlockSparsePlan:
+    """The plan of each head's chosen candidate (``index``, ``[B, H]``), ``dense`` heads whole. When
+    any head's candidate is over variable blocks, every head gets explicit block boundaries on one
+    block count (fixed blocks followed by empty ones)."""
+    layout, blocks = calibration.layout, calibration.block_size
+    chosen = [[candidates[i] for i in row] for row in index.tolist()]
+    q_order, kv_order = _orders(calibration, [[c.orders for c in row] for row in chosen])
+    n_q = max(c.mask.shape[-2] for row in chosen for c in row)
+    n_k = max(c.mask.shape[-1] for row in chosen for c in row)
+    masks, bounds = [], {0: [], 1: []}
+    for b, row in enumerate(chosen):
+        for h, candidate in enumerate(row):
+            mask = candidate.mask[min(b, candidate.mask.shape[0] - 1), min(h, candidate.mask.shape[1] - 1)]
+            masks.append(torch.nn.functional.pad(mask, (0, n_k - mask.shape[1], 0, n_q - mask.shape[0])))
+            starts = calibration.starts.get(candidate.orders, (None, None))
+            for which, n in ((0, n_q), (1, n_k)):
+                own = block_bounds(starts[which], layout, blocks[which], mask.device)
+                own = own[min(b, own.shape[0] - 1), min(h, own.shape[1] - 1)]
+                bounds[which].append(torch.nn.functional.pad(own, (0, n + 1 - own.shape[0]), value=layout.seq_len))
+    shape = index.shape
+    mask = torch.stack(masks).view(*shape, n_q, n_k) | dense[..., None, None]
+    variable = any(c.orders in calibration.starts for row in chosen for c in row)
+    q_starts, kv_starts = (torch.stack(bounds[w]).view(*shape, -1) if variable else None for w in (0, 1))
+    return BlockSparsePlan.from_block_mask(
+        mask, layout, blocks, q_order=q_order, kv_order=kv_order, q_starts=q_starts, kv_starts=kv_starts
+    )
 
 
 def _plan_by_error(
@@ -268,27 +313,29 @@ def _plan_by_error(
     levels = [[c for family in FAMILIES for c in _candidates(family, calibration, level)] for level in level_budgets]
     per_level = len(levels[0])
     candidates = [c for level in levels for c in level]
-    errors = estimate_errors(calibration.rows, blocks, calibration.orders, candidates, calibration.batch_size)
-    density = torch.stack([video_density(c.mask, layout, blocks) for c in candidates])
-    kept = torch.stack([recall(calibration.masses[c.orders], c.mask, layout, blocks[0]) for c in candidates])
+    errors = estimate_errors(
+        calibration.rows, blocks, calibration.orders, candidates, calibration.batch_size, calibration.starts
+    )
+    measured = [_recall_and_density(calibration, c) for c in candidates]
+    kept = torch.stack([k for k, _ in measured])
+    density = torch.stack([d for _, d in measured])
     # per level, the candidate with the lowest error among those within the level's density (else the sparsest)
     limits = torch.tensor([target] + [level.density for level in level_budgets[1:]], device=density.device)
     by_level = (len(levels), per_level, *density.shape[1:])
     fits = density.view(by_level) <= limits[:, None, None, None] + 1e-6
     score = torch.where(fits, 10 - errors.view(by_level), -density.view(by_level))
     pick = score.argmax(1) + torch.arange(len(levels), device=score.device)[:, None, None] * per_level   # [L, B, H]
+    # the allowance counts from the requested density when there is one (the budget's block count
+    # may round it up), so that the fallback never takes the spend past (1 + share) x the request
     level = _fallback_over_layer(
         calibration.ulysses, errors.gather(0, pick), density.gather(0, pick), config.max_error,
-        (1 + config.fallback_share) * target,
+        (1 + config.fallback_share) * (budget.density if budget.density is not None else target),
     )
     dense = level == len(levels)
     index = pick.gather(0, level.clamp(max=len(levels) - 1)[None])[0]                                   # [B, H]
-    stacked = torch.stack([c.mask.expand(*density.shape[1:], *c.mask.shape[-2:]) for c in candidates])
-    mask = stacked.gather(0, index[None, ..., None, None].expand(1, *stacked.shape[1:]))[0] | dense[..., None, None]
     chosen = [[candidates[i] for i in row] for row in index.tolist()]
     family = [["dense" if d else c.family for c, d in zip(row, dense_row)] for row, dense_row in zip(chosen, dense.tolist())]
-    q_order, kv_order = _orders(calibration, [[c.orders for c in row] for row in chosen])
-    plan = BlockSparsePlan.from_block_mask(mask, layout, blocks, q_order=q_order, kv_order=kv_order)
+    plan = _assemble(calibration, candidates, index, dense)
     kept = torch.where(dense, 1.0, kept.gather(0, index[None])[0])
     error = torch.where(dense, 0.0, errors.gather(0, index[None])[0])
     seconds = calibration.seconds + time.perf_counter() - start
@@ -388,6 +435,11 @@ def _candidates(family: str, calibration: Calibration, budget: Budget) -> list[C
             mask = (fit_radial(mass, layout, tile, blocks, budget) if order == "tile" else fit_radial_band(mass, layout, blocks, budget)).mask
         elif family == "spatiotemporal":
             mask = (fit_spatiotemporal(mass, layout, tile, blocks, budget) if order == "tile" else fit_band(mass, layout, blocks, budget)).mask
+        elif family == "semantic" and order == "clusters":
+            # a count budget in keys: the video density the fixed blocks' budget allows, so that both
+            # variants spend alike
+            keys = budget if budget.is_mass else Budget(density=target_density(budget, layout, blocks[1]))
+            mask = semantic_block_mask(calibration.clustering, layout, blocks, keys, starts=calibration.starts[order])
         elif family == "semantic":
             mask = semantic_block_mask(calibration.clustering, layout, blocks, budget)
         else:

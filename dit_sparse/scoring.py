@@ -9,8 +9,11 @@ from .budget import Budget
 from .layout import TokenLayout
 
 
-def recall(mass: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, block_size_q: int) -> torch.Tensor:
+def recall(
+    mass: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, block_size_q: int, starts: tuple | None = None
+) -> torch.Tensor:
     """``[B, H]`` share of the attention mass ``mask`` keeps, every query weighted equally.
+    ``starts``: ``(q_starts, kv_starts)`` of variable blocks (``[B|1, H|1, n + 1]``).
 
     Example::
 
@@ -20,8 +23,12 @@ def recall(mass: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, block_si
         tensor([[0.6667]])
     """
     kept = (mass * mask).sum(-1)
-    weights = query_counts(layout, block_size_q, mass.device)
-    return (kept * weights).sum(-1) / weights.sum()
+    if starts is None:
+        weights = query_counts(layout, block_size_q, mass.device)
+    else:
+        bounds = starts[0].to(mass.device)
+        weights = (bounds[..., 1:] - bounds[..., :-1]).float()
+    return (kept * weights).sum(-1) / weights.sum(-1)
 
 
 def query_counts(layout: TokenLayout, block_size_q: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -30,13 +37,33 @@ def query_counts(layout: TokenLayout, block_size_q: int, device: torch.device | 
     return torch.clamp(layout.seq_len - starts, max=block_size_q).float()
 
 
-def video_density(mask: torch.Tensor, layout: TokenLayout, block_size: tuple[int, int]) -> torch.Tensor:
+def video_density(
+    mask: torch.Tensor, layout: TokenLayout, block_size: tuple[int, int], starts: tuple | None = None
+) -> torch.Tensor:
     """Share of the video key blocks that the video query blocks keep (what a budget's density
-    counts; text blocks come on top): ``[..., nQ, nK]`` to ``[...]``."""
+    counts; text blocks come on top): ``[..., nQ, nK]`` to ``[...]``. With ``starts``
+    (``(q_starts, kv_starts)`` of variable blocks) the share of video query-key pairs.
+
+    Example::
+
+        >>> layout = TokenLayout((1, 1, 6))
+        >>> starts = (torch.tensor([0, 4, 6]), torch.tensor([0, 1, 6]))     # blocks of 4 + 2 and 1 + 5 tokens
+        >>> video_density(torch.tensor([[True, False], [False, True]]), layout, (4, 5), starts).item()
+        0.3888888888888889
+    """
+    if starts is not None:
+        q_video, k_video = (_video_sizes(bounds.to(mask.device), layout) for bounds in starts)
+        return (q_video[..., :, None] * mask * k_video[..., None, :]).sum((-1, -2)) / layout.video_len**2
     video = mask[..., : layout.num_video_blocks(block_size[0]), : layout.num_video_blocks(block_size[1])]
     if video.numel() == 0:
         return torch.ones(mask.shape[:-2], device=mask.device)
     return video.float().mean((-1, -2))
+
+
+def _video_sizes(bounds: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Video tokens in each block that ``bounds`` (``[..., n + 1]``) delimit (the text sits last)."""
+    ends = bounds.clamp(max=layout.video_len)
+    return (ends[..., 1:] - ends[..., :-1]).double()
 
 
 def target_density(budget: Budget, layout: TokenLayout, block_size_k: int) -> float | None:
@@ -75,18 +102,26 @@ class BestPerHead:
         mask = mask.expand_as(mass)
         kept = recall(mass, mask, self.layout, self.block_size[0])
         density = video_density(mask, self.layout, self.block_size)
+        better = self.offer_scores(kept, density)
+        self.mask = mask.clone() if self.mask is None else torch.where(better[..., None, None], mask, self.mask)
+
+    def offer_scores(self, kept: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
+        """Consider a candidate by its ``[B, H]`` recall and video density alone (its mask is not
+        kept: for candidates over different blocks); returns where it is the best so far."""
+        density = density.to(kept.dtype)
         score = self._serve_score(kept, density)
-        if self.mask is None:
-            self.mask, self.recall, self.density, self._score = mask.clone(), kept, density, score
+        if self.index is None:
+            better = torch.ones_like(kept, dtype=torch.bool)
+            self.recall, self.density, self._score = kept, density, score
             self.index = torch.zeros_like(kept, dtype=torch.long)
         else:
             better = score > self._score
-            self.mask = torch.where(better[..., None, None], mask, self.mask)
             self.recall = torch.where(better, kept, self.recall)
             self.density = torch.where(better, density, self.density)
             self._score = torch.where(better, score, self._score)
             self.index = torch.where(better, self.count, self.index)
         self.count += 1
+        return better
 
     def _serve_score(self, kept: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
         if self.target is None:

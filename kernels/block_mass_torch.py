@@ -108,7 +108,9 @@ def block_mass_torch_orders(
     Args:
         q, k: ``[B, H, S, D]`` in the original token order.
         orders: ``(q_order, kv_order)`` pairs, each ``[S]`` (shared by every head) or ``[B, H, S]``
-            (``order[..., p]`` is the original position of the token at permuted position ``p``).
+            (``order[..., p]`` is the original position of the token at permuted position ``p``);
+            or ``(q_order, kv_order, q_starts, kv_starts)`` with variable blocks: ``[B|1, H|1, n + 1]``
+            boundaries in the order (``None``: fixed blocks). An empty query block's mass is zero.
         key_bias: ``[B, S]`` added to the scores, in the original order (``-inf`` for padding).
         query_rows: original positions of the queries to measure (every query block of every
             order must hold at least one); ``None`` measures every query. A block's mass is the mean
@@ -130,10 +132,15 @@ def block_mass_torch_orders(
     scale = dim**-0.5 if scale is None else scale
     device = q.device
     rows = torch.arange(seq, device=device) if query_rows is None else query_rows.to(device)
-    q_blocks = [_per_head(torch.argsort(q_order, dim=-1) // bq, batch, heads)[..., rows] for q_order, _ in orders]
-    shared = [i for i, (_, kv_order) in enumerate(orders) if kv_order.dim() == 1]
+    starts = [tuple(pair[2:]) if len(pair) == 4 else (None, None) for pair in orders]
+    orders = [tuple(pair[:2]) for pair in orders]
+    q_blocks = [original_blocks(q_order, q_starts, bq, batch, heads)[..., rows] for (q_order, _), (q_starts, _) in zip(orders, starts)]
+    k_bounds = [None if kv_starts is None else kv_starts.to(device).long().expand(batch, heads, -1).reshape(batch * heads, -1)
+                for _, kv_starts in starts]
+    counts = [(n_q if q_s is None else q_s.shape[-1] - 1, n_k if kv_s is None else kv_s.shape[-1] - 1) for q_s, kv_s in starts]
+    shared = [i for i, (_, kv_order) in enumerate(orders) if kv_order.dim() == 1 and k_bounds[i] is None]
     cells = _shared_cells([orders[i][1] for i in shared], bk) if shared else None
-    masses = torch.zeros(len(orders), batch * heads, n_q, n_k, dtype=torch.float32, device=device)
+    masses = [torch.zeros(batch * heads, *count, dtype=torch.float32, device=device) for count in counts]
     qf = q.reshape(batch * heads, seq, dim)
     kf = k.float().reshape(batch * heads, seq, dim)
     bias = None if key_bias is None else key_bias.to(device).float().repeat_interleave(heads, 0)[:, None, :]
@@ -152,7 +159,10 @@ def block_mass_torch_orders(
             if cells is not None:
                 per_cell = weights.view(groups, count, -1, cells[0]).sum(-1)
             for i, (_, kv_order) in enumerate(orders):
-                if cells is not None and i in shared:
+                if k_bounds[i] is not None:
+                    order = kv_order.expand(batch, heads, seq).reshape(batch * heads, seq)[group]
+                    per_block = _variable_block_sums(weights, order, k_bounds[i][group])
+                elif cells is not None and i in shared:
                     per_block = per_cell.new_zeros(groups, count, n_k).index_add_(2, cells[1][shared.index(i)], per_cell)
                 elif kv_order.dim() == 1:
                     per_block = _block_sums(weights.index_select(-1, kv_order), n_k, bk)
@@ -161,23 +171,55 @@ def block_mass_torch_orders(
                     per_block = _block_sums(weights.gather(-1, order[:, None, :].expand_as(weights)), n_k, bk)
                 target = q_blocks[i][..., chunk]
                 if target.shape[0] == 1:
-                    masses[i, group].index_add_(1, target[0], per_block)
+                    masses[i][group].index_add_(1, target[0], per_block)
                 else:
                     for g, bh in enumerate(range(h, h + groups)):
-                        masses[i, bh].index_add_(0, target[bh], per_block[g])
+                        masses[i][bh].index_add_(0, target[bh], per_block[g])
     out = []
     for i, blocks in enumerate(q_blocks):
-        measured = torch.zeros(blocks.shape[0], n_q, device=device)
+        measured = torch.zeros(blocks.shape[0], counts[i][0], device=device)
         measured.scatter_add_(1, blocks, torch.ones_like(blocks, dtype=torch.float32))
-        if bool((measured == 0).any()):
+        empty = torch.zeros_like(measured, dtype=torch.bool)
+        if starts[i][0] is not None:
+            q_sizes = starts[i][0][..., 1:] - starts[i][0][..., :-1]
+            empty = (q_sizes == 0).expand(batch, heads, -1).reshape(batch * heads, -1).to(device)
+        if bool((measured[~empty.expand_as(measured)] == 0).any()):
             raise ValueError("query_rows must hold at least one query of every query block of every order")
-        out.append((masses[i] / measured[:, :, None]).view(batch, heads, n_q, n_k))
+        out.append((masses[i] / measured.clamp(min=1)[:, :, None]).view(batch, heads, *counts[i]))
     return out
+
+
+def original_blocks(order: torch.Tensor, starts: torch.Tensor | None, block: int, batch: int, heads: int) -> torch.Tensor:
+    """The block of each token, by original position: ``[1, S]`` for fixed blocks of an order shared by
+    every head, else ``[B*H, S]``; variable blocks are bounded by ``starts`` (``[B|1, H|1, n + 1]``)."""
+    position = torch.argsort(order, dim=-1)
+    if starts is None:
+        return _per_head(position // block, batch, heads)
+    seq = order.shape[-1]
+    starts = starts.to(order.device).expand(batch, heads, -1).reshape(batch * heads, -1)
+    block_of_position = torch.searchsorted(starts[:, 1:].contiguous(), torch.arange(seq, device=order.device).expand(batch * heads, -1).contiguous(), right=True)
+    return block_of_position.gather(1, _per_head(position, batch, heads).expand(batch * heads, -1))
 
 
 def _per_head(order: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     """``[1, S]`` for an order shared by every head, ``[B*H, S]`` for per-head orders."""
     return order.view(1, -1) if order.dim() == 1 else order.expand(batch, heads, -1).reshape(batch * heads, -1)
+
+
+def _variable_block_sums(weights: torch.Tensor, order: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """``[G, R, S]`` weights (original key order) summed over the variable key blocks of ``order``
+    (``[G, S]``) that ``bounds`` (``[G, n + 1]``) delimit: differences of the running sum in key
+    order, in fp64, a few rows at a time (memory stays about that of ``weights``)."""
+    groups, count, seq = weights.shape
+    out = weights.new_empty(groups, count, bounds.shape[-1] - 1)
+    step = max(1, count // 4)
+    for first in range(0, count, step):
+        rows = weights[:, first : first + step]
+        running = rows.gather(-1, order[:, None, :].expand_as(rows)).double().cumsum_(-1)
+        running = torch.nn.functional.pad(running, (1, 0))
+        at = running.gather(-1, bounds[:, None, :].expand(groups, rows.shape[1], -1))
+        out[:, first : first + step] = at[..., 1:] - at[..., :-1]
+    return out
 
 
 def _block_sums(x: torch.Tensor, n_blocks: int, block: int) -> torch.Tensor:

@@ -19,6 +19,12 @@ Layouts (the sequence in the plan's token order unless ``q_rows``/``kv_rows`` sa
     kv_offsets   [Bp, H, nQ] int   start of each row in kv_indices
     kv_indices   [nnz] int         sorted key block indices of every row, rows concatenated
     kv_valid_len [B] int or None   keys at (plan-order) positions >= kv_valid_len[b] are masked out
+    q_starts     [Bp|1, H|1, nQ+1] int or None  variable query blocks: block i holds positions
+                 q_starts[i] .. q_starts[i+1]-1 (at most block_size_q); None: fixed blocks
+    kv_starts    [Bp|1, H|1, nK+1] int or None  the same for the key blocks
+
+Variable blocks are computed as blocks of the full block size whose positions past the block's end
+are masked out (keys) or discarded (queries).
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ def block_sparse_attention_torch(
     scale: float | None = None,
     q_rows: torch.Tensor | None = None,
     kv_rows: torch.Tensor | None = None,
+    q_starts: torch.Tensor | None = None,
+    kv_starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse softmax attention; query blocks with no (valid) key give zeros.
 
@@ -65,36 +73,44 @@ def block_sparse_attention_torch(
     q_rows = _identity_rows(q) if q_rows is None else q_rows
     batch, heads, seq = q_rows.shape
     bq, bk = block_size_q, block_size_k
-    n_q, n_k = -(-seq // bq), -(-seq // bk)
+    n_q = -(-seq // bq) if q_starts is None else q_starts.shape[-1] - 1
+    n_k = -(-seq // bk) if kv_starts is None else kv_starts.shape[-1] - 1
     counts = kv_counts.expand(batch, -1, -1).reshape(-1).long()
     offsets = kv_offsets.expand(batch, -1, -1).reshape(-1)
     indices = kv_indices.long()
 
     q_src = q.contiguous().view(-1, dim)
     rows_out = q_src.shape[0]
-    # padded query positions read any real row and write to a spare row past the end of the output
-    q_index = _pad_positions(q_rows, n_q * bq, q_rows[..., :1]).view(batch * heads * n_q, bq)
-    out_index = _pad_positions(q_rows, n_q * bq, rows_out).view(batch * heads * n_q, bq)
-    if kv_rows is None and seq == n_k * bk:
+    # positions past a block's end read any real row and write to a spare row past the end of the output
+    q_pos, q_real = _block_positions(q_starts, batch, heads, seq, n_q, bq, q.device)
+    q_index = q_rows.reshape(batch * heads, seq).gather(1, q_pos)
+    out_index = torch.where(q_real, q_index, rows_out).view(batch * heads * n_q, bq)
+    q_index = q_index.view(batch * heads * n_q, bq)
+    kv_pos, kv_real = _block_positions(kv_starts, batch, heads, seq, n_k, bk, q.device)
+    if kv_rows is None and seq == n_k * bk and kv_starts is None:
         k_blocks, v_blocks = (x.contiguous().view(batch * heads * n_k, bk * dim) for x in (k, v))
     else:
         kv_rows = _identity_rows(k) if kv_rows is None else kv_rows
-        kv_index = _pad_positions(kv_rows, n_k * bk, kv_rows[..., :1]).reshape(-1)
+        kv_index = kv_rows.reshape(batch * heads, seq).gather(1, kv_pos).reshape(-1)
         k_blocks, v_blocks = (
             x.contiguous().view(-1, dim).index_select(0, kv_index).view(batch * heads * n_k, bk * dim) for x in (k, v)
         )
     limit = _valid_limit(batch, seq, kv_valid_len, q.device)
-    key_ok = (torch.arange(n_k * bk, device=q.device)[None, :] < limit[:, None]).view(batch, n_k, bk)
+    key_ok = (kv_real & (kv_pos < limit.repeat_interleave(heads)[:, None])).view(batch * heads, n_k, bk)
 
     live = counts > 0
-    if kv_valid_len is not None:
-        live &= _attends_valid_key(counts, offsets, indices, key_ok.any(-1), heads * n_q)
+    if q_starts is not None:
+        live &= q_real.view(-1, bq).any(-1)
+    if kv_valid_len is not None or kv_starts is not None:
+        live &= _attends_valid_key(counts, offsets, indices, key_ok.any(-1), n_q)
 
     out = q_src.new_empty(rows_out + 1, dim)
     dead = torch.nonzero(~live).squeeze(1)
     if dead.numel():
         out.index_fill_(0, out_index[dead].reshape(-1), 0)
-    full = live & (counts == n_k)
+    # rows that attend every key block attend the keys in place, a prefix in plan order (not so when
+    # variable key blocks leave gaps: those rows take the gathered path)
+    full = live & (counts == n_k) & (kv_starts is None)
     _attend_full_rows(q_src, q_index, out_index, k_blocks, v_blocks, limit, full, out, heads, n_q, scale)
 
     sparse_rows = torch.nonzero(live & ~full).squeeze(1)
@@ -102,7 +118,7 @@ def block_sparse_attention_torch(
         chunks = _chunks(sparse_rows, counts[sparse_rows], bk * dim)
         work = partial(
             _attend_gathered, q_src, q_index, out_index, k_blocks, v_blocks, key_ok, offsets, indices, out,
-            heads, n_q, n_k, scale, chunks,
+            n_q, n_k, scale, chunks,
         )
         workers = min(torch.get_num_threads(), len(chunks)) if q.device.type == "cpu" else 1
         if workers == 1:
@@ -121,15 +137,19 @@ def _identity_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.arange(batch * heads * seq, device=x.device).view(batch, heads, seq)
 
 
-def _pad_positions(rows: torch.Tensor, length: int, fill: torch.Tensor | int) -> torch.Tensor:
-    """``[B*H, length]``: ``rows`` with the positions past the sequence set to ``fill`` (an int, or
-    one value per (batch, head))."""
-    batch, heads, seq = rows.shape
-    rows = rows.reshape(batch * heads, seq)
-    if length == seq:
-        return rows
-    fill = torch.as_tensor(fill, device=rows.device).reshape(-1, 1).expand(batch * heads, length - seq)
-    return torch.cat([rows, fill], 1)
+def _block_positions(
+    starts: torch.Tensor | None, batch: int, heads: int, seq: int, n: int, block: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B*H, n*block]`` the plan-order position each slot of each block reads (a real one for
+    slots past the block's end) and whether the slot holds a token of the block."""
+    if starts is None:
+        pos = torch.arange(n * block, device=device)
+        real, pos = pos < seq, pos.clamp(max=seq - 1)
+        return pos.expand(batch * heads, -1), real.expand(batch * heads, -1)
+    starts = starts.to(device=device, dtype=torch.long).expand(batch, heads, -1).reshape(batch * heads, n + 1)
+    pos = starts[:, :-1, None] + torch.arange(block, device=starts.device)
+    real = pos < starts[:, 1:, None]
+    return torch.where(real, pos, 0).view(batch * heads, n * block), real.view(batch * heads, n * block)
 
 
 class _SharedCounter:
@@ -163,7 +183,7 @@ def _chunks(rows: torch.Tensor, counts: torch.Tensor, block_elements: int) -> li
 
 
 def _attend_gathered(
-    q_src, q_index, out_index, k_blocks, v_blocks, key_ok, offsets, indices, out, heads, n_q, n_k, scale, chunks, todo
+    q_src, q_index, out_index, k_blocks, v_blocks, key_ok, offsets, indices, out, n_q, n_k, scale, chunks, todo
 ):
     """For each chunk number in ``todo`` (rows that attend ``count`` key blocks each): gather the
     chunk's queries and key and value blocks into this thread's buffers, attend, and write its rows
@@ -185,7 +205,7 @@ def _attend_gathered(
         torch.index_select(q_src, 0, q_index[r].reshape(-1), out=qs)
         torch.index_select(k_blocks, 0, src, out=ks)
         torch.index_select(v_blocks, 0, src, out=vs)
-        mask = key_ok[(bh // heads)[:, None], blocks]
+        mask = key_ok[bh[:, None], blocks]
         mask = None if bool(mask.all()) else mask.reshape(n, 1, 1, count * bk)
         o = F.scaled_dot_product_attention(
             qs.view(n, 1, bq, dim), ks.view(n, 1, count * bk, dim), vs.view(n, 1, count * bk, dim),
@@ -264,11 +284,11 @@ def _valid_limit(batch: int, seq: int, kv_valid_len, device) -> torch.Tensor:
     return limit
 
 
-def _attends_valid_key(counts, offsets, indices, block_has_key, rows_per_batch) -> torch.Tensor:
+def _attends_valid_key(counts, offsets, indices, block_has_key, rows_per_head) -> torch.Tensor:
     """Whether each row attends at least one valid key (text padding can leave a row with none)."""
     row_ids = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
     ends = torch.cumsum(counts, 0)
     rank = torch.arange(row_ids.numel(), device=counts.device) - (ends - counts)[row_ids]
     blocks = indices[offsets.reshape(-1)[row_ids] + rank]
-    hits = block_has_key[row_ids // rows_per_batch, blocks].long()
+    hits = block_has_key[row_ids // rows_per_head, blocks].long()
     return torch.zeros_like(counts).index_add_(0, row_ids, hits) > 0

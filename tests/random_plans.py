@@ -24,6 +24,20 @@ def random_orders(layout: TokenLayout, heads: int, batch: int, generator: torch.
     return torch.stack(orders).view(batch, heads, -1)
 
 
+def random_starts(layout: TokenLayout, block: int, heads: int, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """``[batch, heads, n + 1]`` variable block boundaries: blocks of 0 to ``block`` tokens at random
+    (empty ones included), a few empty blocks appended, one block count for every head."""
+    heads_starts = []
+    for _ in range(batch * heads):
+        lengths = []
+        while sum(lengths) < layout.seq_len:
+            lengths.append(min(int(torch.randint(block + 1, (1,), generator=generator)), layout.seq_len - sum(lengths)))
+        heads_starts.append(torch.cumsum(torch.tensor([0] + lengths), 0))
+    n = max(len(s) for s in heads_starts) + int(torch.randint(3, (1,), generator=generator))
+    padded = [torch.nn.functional.pad(s, (0, n - len(s)), value=layout.seq_len) for s in heads_starts]
+    return torch.stack(padded).view(batch, heads, n)
+
+
 def random_plan(
     layout: TokenLayout,
     heads: int,

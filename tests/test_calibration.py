@@ -98,41 +98,52 @@ def test_one_pass_over_the_scores_gives_every_orders_block_mass():
         assert torch.allclose(masses[name], expected, atol=1e-6), name
 
 
-def sampled_block_mass(q, k, bq, bk, q_order, kv_order, rows):
+def sampled_block_mass(q, k, bq, bk, q_order, kv_order, rows, q_starts=None, kv_starts=None):
     """[B, H, S, D] in the original order -> block mass over the orders, each query block averaged
-    over its queries in ``rows`` only, from the full softmax matrix (small sizes only)."""
+    over its queries in ``rows`` only, from the full softmax matrix (small sizes only). Variable
+    blocks: ``[n + 1]`` boundaries (an empty query block's mass is zero)."""
     p = ((q.double() @ k.double().transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1)
     s = q.shape[2]
-    q_block = torch.argsort(q_order) // bq
-    key_block = torch.argsort(kv_order) // bk
-    nq, nk = -(-s // bq), -(-s // bk)
+
+    def blocks(order, starts, size):
+        if starts is None:
+            return torch.argsort(order) // size, -(-s // size)
+        return torch.searchsorted(starts[1:], torch.argsort(order), right=True), starts.numel() - 1
+
+    (q_block, nq), (key_block, nk) = blocks(q_order, q_starts, bq), blocks(kv_order, kv_starts, bk)
     per_key_block = torch.zeros(*p.shape[:3], nk, dtype=torch.float64).index_add_(3, key_block, p)
     out = torch.zeros(*p.shape[:2], nq, nk, dtype=torch.float64)
     counts = torch.zeros(nq, dtype=torch.float64)
     for r in rows.tolist():
         out[:, :, q_block[r]] += per_key_block[:, :, r]
         counts[q_block[r]] += 1
-    return out / counts[:, None]
+    return out / counts.clamp(min=1)[:, None]
 
 
 def test_block_mass_on_sampled_queries_and_shared_cells_matches_dense_softmax():
     """Three shared orders whose common cells are runs of one length (the reshape path), a per-head
-    order (the gather path), on a sample of queries."""
+    order (the gather path), the per-head order cut into variable blocks (empty ones included), on
+    a sample of queries."""
     from dit_sparse.calibration import sample_query_rows
-    from dit_sparse.kernels.block_mass_torch import block_mass_torch_orders
+    from dit_sparse.kernels.block_mass_torch import block_mass_torch_orders, original_blocks
+    from random_plans import random_starts
 
     layout = TokenLayout((4, 8, 16))
     q, k = torch.randn(1, 2, layout.seq_len, 16), torch.randn(1, 2, layout.seq_len, 16)
     per_head = torch.stack([torch.randperm(layout.seq_len) for _ in range(2)])[None]
+    g = torch.Generator().manual_seed(1)
+    starts = (random_starts(layout, 32, 2, 1, g), random_starts(layout, 32, 2, 1, g))
     orders = [(layout.tile_order((1, 4, 8)),) * 2, (layout.identity_order(),) * 2, (layout.position_order(),) * 2,
-              (per_head, per_head)]
-    rows = sample_query_rows(layout.seq_len, 32, [o for o, _ in orders], rows_per_block=4, seed=3)
+              (per_head, per_head), (per_head, per_head, *starts)]
+    q_blocks = [original_blocks(o[0], o[2] if len(o) == 4 else None, 32, 1, 2) for o in orders]
+    rows = sample_query_rows(layout.seq_len, 32, q_blocks, rows_per_block=4, seed=3)
     assert rows.numel() < layout.seq_len
     masses = block_mass_torch_orders(q, k, 32, 32, orders, query_rows=rows)
-    for (q_order, kv_order), mass in zip(orders, masses):
+    for order, mass in zip(orders, masses):
         for h in range(2):
-            qo, ko = (o.expand(1, 2, -1)[0, h] for o in (q_order, kv_order))
-            ref = sampled_block_mass(q[:, h : h + 1], k[:, h : h + 1], 32, 32, qo, ko, rows)
+            qo, ko = (o.expand(1, 2, -1)[0, h] for o in order[:2])
+            bounds = {} if len(order) == 2 else {"q_starts": starts[0][0, h], "kv_starts": starts[1][0, h]}
+            ref = sampled_block_mass(q[:, h : h + 1], k[:, h : h + 1], 32, 32, qo, ko, rows, **bounds)
             assert (mass[:, h : h + 1].double() - ref).abs().max() < 1e-6
 
 
@@ -142,12 +153,13 @@ def test_sampled_queries_cover_every_block_of_every_order():
     layout = TokenLayout((3, 5, 7), text_len=6)           # 111 tokens: a partial last block of 15
     g = torch.Generator().manual_seed(0)
     orders = [layout.tile_order((1, 4, 4)), torch.stack([torch.randperm(layout.seq_len, generator=g) for _ in range(3)])[None]]
-    rows = sample_query_rows(layout.seq_len, 32, orders, rows_per_block=1, seed=0)
-    for order in orders:
-        blocks = (torch.argsort(order) // 32).reshape(-1, layout.seq_len)[:, rows]
+    q_blocks = [torch.argsort(order) // 32 for order in orders]
+    rows = sample_query_rows(layout.seq_len, 32, q_blocks, rows_per_block=1, seed=0)
+    for blocks in q_blocks:
+        blocks = blocks.reshape(-1, layout.seq_len)[:, rows]
         assert all(set(row.tolist()) == set(range(4)) for row in blocks)
-    assert sample_query_rows(layout.seq_len, 32, orders, rows_per_block=9) is None    # over a quarter of 32
-    assert sample_query_rows(layout.seq_len, 32, orders, rows_per_block=None) is None
+    assert sample_query_rows(layout.seq_len, 32, q_blocks, rows_per_block=9) is None    # over a quarter of 32
+    assert sample_query_rows(layout.seq_len, 32, q_blocks, rows_per_block=None) is None
 
 
 def test_sampled_mass_plans_like_the_exact_mass_on_local_attention():

@@ -57,3 +57,26 @@ def test_shared_masks_pool_the_rows_of_every_batch_element():
     pooled = estimate_errors(sample, (32, 32), {"raster": (order, order)}, [diagonal], plan_batch=1)
     assert pooled.shape == (1, 1, 1)
     assert per_element.min() <= pooled.min() <= per_element.max()
+
+
+def test_estimate_over_variable_blocks_matches_masked_dense_attention():
+    """Masks over variable (cluster-aligned style) blocks, empty blocks included, text last."""
+    from random_plans import random_orders, random_starts
+
+    layout = TokenLayout((2, 5, 9), text_len=7)
+    batch, heads, dim, blocks = 1, 2, 8, (16, 32)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(batch, layout.seq_len, heads, dim, generator=g) * 2 for _ in range(3))
+    q_order, kv_order = random_orders(layout, heads, 1, g), random_orders(layout, heads, 1, g)
+    starts = (random_starts(layout, 16, heads, 1, g), random_starts(layout, 32, heads, 1, g))
+    mask = torch.rand(1, heads, starts[0].shape[-1] - 1, starts[1].shape[-1] - 1, generator=g) < 0.4
+    sample = RowSample.of(q, k, v, layout, count=30, seed=0)
+    error = estimate_errors(sample, blocks, {"clusters": (q_order, kv_order)}, [Candidate(mask, "clusters")], 1,
+                            starts={"clusters": starts})[0]
+    plan = BlockSparsePlan.from_block_mask(mask, layout, blocks, q_order=q_order, kv_order=kv_order,
+                                           q_starts=starts[0], kv_starts=starts[1])
+    full = BlockSparsePlan.from_block_mask(torch.ones(heads, 1, 1, dtype=torch.bool), layout, 1024)
+    dense = _masked_attention_rows(q, k, v, full, sample.rows)
+    sparse = _masked_attention_rows(q, k, v, plan, sample.rows)
+    expected = ((sparse - dense).pow(2).sum((1, 3)) / dense.pow(2).sum((1, 3))).sqrt()
+    assert torch.allclose(error, expected, atol=1e-4)

@@ -94,6 +94,29 @@ def test_concat_batch_and_tensors_round_trip():
     assert torch.equal(again.to_token_mask(), both.to_token_mask())
 
 
+def test_plans_with_variable_blocks_join_slice_and_count_like_their_token_masks():
+    """Variable blocks through concat_batch, concat_heads (with a fixed-block plan: it gets empty
+    blocks appended), select_heads, tensors and density."""
+    from random_plans import random_starts
+
+    layout = TokenLayout((2, 4, 5), text_len=6, valid_text_len=(4,))
+    g = torch.Generator().manual_seed(3)
+    starts = (random_starts(layout, 16, 2, 1, g), random_starts(layout, 16, 2, 1, g))
+    mask = torch.rand(1, 2, starts[0].shape[-1] - 1, starts[1].shape[-1] - 1, generator=g) < 0.4
+    variable = BlockSparsePlan.from_block_mask(mask, layout, 16, q_starts=starts[0], kv_starts=starts[1])
+    fixed = random_plan(layout, heads=2, block_size=16, seed=2)
+    tokens = variable.to_token_mask()
+    assert variable.variable_blocks and not fixed.variable_blocks
+    assert torch.allclose(variable.density(per_head=True).float(), variable.with_layout(TokenLayout((2, 4, 5), 6)).to_token_mask().float().mean((-1, -2)))
+    for joined, expected in (
+        (BlockSparsePlan.concat_batch([variable, fixed]), torch.cat([tokens, fixed.to_token_mask()])),
+        (BlockSparsePlan.concat_heads([fixed, variable]), torch.cat([fixed.to_token_mask(), tokens], 1)),
+        (variable.select_heads([1]), tokens[:, 1:]),
+        (BlockSparsePlan.from_tensors(variable.tensors(), layout, 16), tokens),
+    ):
+        assert joined.variable_blocks and torch.equal(joined.to_token_mask(), expected)
+
+
 def test_with_layout_changes_padding_only():
     layout = TokenLayout((2, 4, 4), text_len=5)
     plan = random_plan(layout, heads=2, block_size=16, seed=1)

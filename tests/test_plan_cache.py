@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from dit_sparse import BlockSparsePlan, SparseAttentionConfig, TokenLayout
 from dit_sparse.plan_cache import PlanCache, PlanKey
-from random_plans import random_plan
+from random_plans import random_plan, random_starts
 
 MODEL = {"transformer": {"class": "WanTransformer3DModel", "self_attention_layers": 2, "heads": 2}}
 CONFIG = SparseAttentionConfig(pattern="adaptive", density=0.3).plan_signature()
@@ -66,6 +66,48 @@ def test_save_and_load_round_trip(tmp_path):
         for which in ("q", "kv"):
             assert torch.equal(entry.plan.order(which), plan.order(which))
     assert loaded.geometries(loaded_only=True) == {small.geometry, large.geometry}
+
+
+def test_plans_with_variable_blocks_round_trip(tmp_path):
+    layout = TokenLayout((2, 4, 8), text_len=5)
+    g = torch.Generator().manual_seed(0)
+    q_starts, kv_starts = random_starts(layout, 16, 2, 1, g), random_starts(layout, 32, 2, 1, g)
+    mask = torch.rand(1, 2, q_starts.shape[-1] - 1, kv_starts.shape[-1] - 1, generator=g) < 0.4
+    plan = BlockSparsePlan.from_block_mask(mask, layout, (16, 32), q_starts=q_starts, kv_starts=kv_starts)
+    cache = PlanCache()
+    key = PlanKey("transformer", 0, "cond", layout.geometry)
+    cache.put(key, plan, None, generation=1, step=2)
+    cache.put(PlanKey("transformer", 1, "cond", layout.geometry), static_plan(layout), None, generation=1, step=2)
+    cache.save(tmp_path / "plans.safetensors", MODEL, CONFIG)
+    loaded = PlanCache()
+    loaded.load(tmp_path / "plans.safetensors", MODEL, CONFIG)
+    entry = loaded.get(key).plan
+    assert torch.equal(entry.q_starts, plan.q_starts) and torch.equal(entry.kv_starts, plan.kv_starts)
+    assert torch.equal(entry.to_token_mask(), plan.to_token_mask())
+    assert loaded.get(PlanKey("transformer", 1, "cond", layout.geometry)).plan.q_starts is None
+
+
+def test_a_file_of_format_version_1_still_loads(tmp_path):
+    """A file written as version 1 wrote it (no block boundaries, tensors named by role)."""
+    layout = TokenLayout((2, 4, 8), text_len=5)
+    plan = static_plan(layout)
+    header = {
+        "format": "dit-sparse-plans", "version": 1, "model": MODEL, "config": CONFIG,
+        "plans": [{"block_size": [16, 16], "tensors": {"kv_counts": "t0", "kv_indices": "t1", "q_order": "t2", "kv_order": "t2"}}],
+        "entries": [{"transformer": "transformer", "layer": 0, "context": "cond",
+                     "layout": {"grid": [2, 4, 8], "text_len": 5, "text_first": False}, "plan": 0}],
+    }
+    tensors = {"t0": plan.kv_counts, "t1": plan.kv_indices, "t2": plan.q_order}
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata={"dit_sparse": json.dumps(header)})
+    cache = PlanCache()
+    assert cache.load(tmp_path / "v1.safetensors", MODEL, CONFIG) == 1
+    loaded = cache.get(PlanKey("transformer", 0, "cond", layout.geometry)).plan
+    assert not loaded.variable_blocks and torch.equal(loaded.to_token_mask(), plan.to_token_mask())
+
+    header["version"] = 99
+    save_file(tensors, str(tmp_path / "v99.safetensors"), metadata={"dit_sparse": json.dumps(header)})
+    with pytest.raises(ValueError, match="format version 99.*reads versions 1 to"):
+        PlanCache().load(tmp_path / "v99.safetensors", MODEL, CONFIG)
 
 
 def test_a_file_for_another_model_or_config_is_refused(tmp_path):

@@ -16,6 +16,12 @@ LAYOUTS = [
 ]
 
 
+def spent(plan) -> torch.Tensor:
+    """``[B, H]`` video density of a plan, over its variable blocks when it has them."""
+    starts = (plan.block_starts("q"), plan.block_starts("kv")) if plan.variable_blocks else None
+    return video_density(plan.to_block_mask(), plan.layout, (plan.block_size_q, plan.block_size_k), starts)
+
+
 def qk(layout: TokenLayout, batch: int = 1, heads: int = 3, dim: int = 16):
     return torch.randn(batch, layout.seq_len, heads, dim), torch.randn(batch, layout.seq_len, heads, dim)
 
@@ -35,8 +41,8 @@ def test_every_pattern_plans_within_its_density(layout, block_size, pattern):
         allowed = target_density(Budget(density=0.3), layout, config.block_sizes[1])
         if pattern in ("radial", "spatiotemporal"):  # or the family's smallest window, pooled to blocks
             floor, _ = build_plan(q, k, layout, SparseAttentionConfig(pattern=pattern, density=1e-3, block_size=block_size))
-            allowed = torch.clamp(video_density(floor.to_block_mask(), layout, config.block_sizes), min=allowed)
-        assert (video_density(plan.to_block_mask(), layout, config.block_sizes) <= allowed + 1e-6).all()
+            allowed = torch.clamp(spent(floor), min=allowed)
+        assert (spent(plan) <= allowed + 1e-6).all()
     assert report.seconds > 0
 
 
@@ -114,7 +120,7 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="pass the layout of this attention call"):
         build_plan(q[:, :-1], k[:, :-1], layout, SparseAttentionConfig())
     calibration = calibrate(q, k, layout, SparseAttentionConfig(pattern="adaptive"))
-    with pytest.raises(ValueError, match="no block mass over the semantic order; calibrate with pattern=.semantic."):
+    with pytest.raises(ValueError, match="no block mass over the clusters, semantic order; calibrate with pattern=.semantic."):
         plan_from_calibration(calibration, SparseAttentionConfig(pattern="semantic"))
     with pytest.raises(ValueError, match="measured with blocks"):
         plan_from_calibration(calibration, SparseAttentionConfig(pattern="adaptive", block_size=128))
@@ -147,7 +153,7 @@ def test_auto_picks_each_heads_family_with_the_lowest_output_error(synthetic):
     per_family = {}
     for name in FAMILIES:
         family_plan, family_report = plan_from_calibration(calibration, SparseAttentionConfig(pattern=name, density=0.15))
-        fits = video_density(family_plan.to_block_mask(), data.layout, (64, 64)) <= target + 1e-6
+        fits = spent(family_plan) <= target + 1e-6
         per_family[name] = torch.where(fits, _sampled_error(data, family_plan, rows), float("inf"))
     best = torch.stack([per_family[name] for name in FAMILIES]).min(0).values
     assert torch.allclose(report.error, best, atol=1e-4)
@@ -158,13 +164,9 @@ def test_auto_fallback_raises_the_worst_heads_within_its_share(synthetic):
     data, calibration = synthetic
     base = plan_from_calibration(calibration, SparseAttentionConfig(density=0.15, max_error=float("inf")))[1]
     plan, report = plan_from_calibration(calibration, SparseAttentionConfig(density=0.15, max_error=0.0, fallback_share=0.5))
-    target = target_density(Budget(density=0.15), data.layout, 64)
-    spent = video_density(plan.to_block_mask(), data.layout, (64, 64))
-    assert float(spent.mean()) <= 1.5 * target + 1e-6
-    raised = spent > video_density(
-        plan_from_calibration(calibration, SparseAttentionConfig(density=0.15, max_error=float("inf")))[0].to_block_mask(),
-        data.layout, (64, 64),
-    ) + 1e-6
+    density = spent(plan)
+    assert float(density.mean()) <= 1.5 * 0.15 + 1e-6           # the share counts from the requested density
+    raised = density > spent(plan_from_calibration(calibration, SparseAttentionConfig(density=0.15, max_error=float("inf")))[0]) + 1e-6
     assert raised.any() and (report.error[raised] < base.error[raised]).all()
     worst = int(base.error.argmax())
     assert bool(raised[0, worst])
@@ -188,6 +190,27 @@ def test_auto_defaults_keep_almost_every_head_sparse_even_when_every_head_errs()
     q, k, v = (torch.randn(1, layout.seq_len, 24, 16, generator=g) for _ in range(3))
     plan, report = build_plan(q, k, layout, SparseAttentionConfig(), v=v)
     dense = sum(name == "dense" for name in report.family[0])
-    assert dense <= 0.25 * 24 and (report.error > 0.05).all()
-    target = target_density(Budget(density=0.15), layout, 64)
-    assert float(video_density(plan.to_block_mask(), layout, (64, 64)).mean()) <= 1.1 * target + 1e-6
+    sparse = torch.tensor([name != "dense" for name in report.family[0]])
+    assert dense <= 0.25 * 24 and (report.error[0, sparse] > 0.05).all()
+    assert float(spent(plan).mean()) <= 1.1 * 0.15 + 1e-6
+
+
+def test_auto_may_plan_semantic_heads_on_cluster_aligned_blocks(synthetic):
+    """The semantic family's cluster-aligned variant competes by estimated error like any other: a
+    head that takes it keeps the clusters' block boundaries in the plan (the other heads fixed blocks
+    followed by empty ones), its estimated error is its exact error, and the plan stays exact."""
+    data, calibration = synthetic
+    plan, report = plan_from_calibration(calibration, SparseAttentionConfig(density=0.25, max_error=float("inf")))
+    clusters = calibration.starts["clusters"]
+    on_clusters = [
+        bool(torch.equal(plan.block_starts("q")[0, h], clusters[0][0, h]))
+        and bool(torch.equal(plan.block_starts("kv")[0, h], clusters[1][0, h]))
+        for h in range(plan.num_heads)
+    ]
+    assert plan.variable_blocks and any(on_clusters)
+    assert all(report.family[0][h] == "semantic" for h, chosen in enumerate(on_clusters) if chosen)
+    assert torch.allclose(report.error, _sampled_error(data, plan, calibration.rows.rows), atol=1e-4)
+    torch.testing.assert_close(
+        sparse_attention(data.q, data.k, data.v, plan, backend="torch"),
+        sparse_attention(data.q, data.k, data.v, plan, backend="torch_reference"), atol=1e-5, rtol=1e-5,
+    )

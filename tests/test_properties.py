@@ -2,9 +2,10 @@
 reference on random layouts and plans.
 
 Layouts: random video grids (odd sizes, single frames), text first or last with per-element
-padding, batch and heads. Plans: block sizes 16 to 128 (partial last blocks), random token orders,
-random block masks with rows forced empty and rows forced full, per element or shared by the
-batch. fp32 and bf16. The Triton kernels run in Triton's interpreter at small shapes when CUDA is
+padding, batch and heads. Plans: block sizes 16 to 128 (partial last blocks), fixed blocks or
+variable ones (random boundaries per head, empty blocks included, as cluster-aligned plans have),
+random token orders, random block masks with rows forced empty and rows forced full, per element
+or shared by the batch. fp32 and bf16. The Triton kernels run in Triton's interpreter at small shapes when CUDA is
 absent.
 
 The hypothesis profile comes from ``HYPOTHESIS_PROFILE``: ``ci`` (the default: few, derandomized
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 
 from dit_sparse import BlockSparsePlan, TokenLayout, sparse_attention
 from dit_sparse.attention import _triton_available
-from random_plans import random_orders
+from random_plans import random_orders, random_starts
 
 settings.register_profile(
     "ci", max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
@@ -53,7 +54,11 @@ def cases(draw, max_video: int = 400, max_text: int = 40, head_dims=(16, 32, 48)
     plan_batch = draw(st.sampled_from([1, batch]))
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
-    n_q, n_k = layout.num_blocks(block[0]), layout.num_blocks(block[1])
+    starts = {"q_starts": None, "kv_starts": None}
+    for name, size in zip(starts, block):
+        if draw(st.booleans()):
+            starts[name] = random_starts(layout, size, heads, plan_batch, g)
+    n_q, n_k = (layout.num_blocks(size) if s is None else s.shape[-1] - 1 for s, size in zip(starts.values(), block))
     mask = torch.rand(plan_batch, heads, n_q, n_k, generator=g) < draw(st.floats(0.0, 1.0))
     rows = mask.view(-1, n_k)
     for _ in range(draw(st.integers(0, 3))):  # forced empty rows and forced full rows
@@ -61,7 +66,7 @@ def cases(draw, max_video: int = 400, max_text: int = 40, head_dims=(16, 32, 48)
     orders = draw(st.booleans())
     q_order = random_orders(layout, heads, plan_batch, g) if orders else None
     kv_order = random_orders(layout, heads, plan_batch, g) if orders and draw(st.booleans()) else q_order
-    plan = BlockSparsePlan.from_block_mask(mask, layout, block, q_order=q_order, kv_order=kv_order)
+    plan = BlockSparsePlan.from_block_mask(mask, layout, block, q_order=q_order, kv_order=kv_order, **starts)
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
     dim = draw(st.sampled_from(head_dims))
     q, k, v = (torch.randn(batch, layout.seq_len, heads, dim, generator=g).to(dtype) for _ in range(3))

@@ -103,3 +103,46 @@ def test_cluster_counts_scale_with_the_video_and_reject_too_many():
     assert clustering.q_centroids.shape[2] == 4 and clustering.k_centroids.shape[2] == 16
     with pytest.raises(ValueError, match="key_clusters=2000 exceeds the 1024 video tokens"):
         cluster_heads(x, x, layout, key_clusters=2000)
+
+
+def test_cluster_blocks_hold_one_cluster_each_and_the_mask_keeps_whole_clusters():
+    """Cluster-aligned blocks: no block holds two clusters, none exceeds the block size, every head
+    has the same block count; the mask over them spends at most the budget's keys per query block
+    and attention over the plan is exact on every backend here."""
+    from dit_sparse import sparse_attention
+    from dit_sparse.families.semantic import cluster_block_starts
+
+    layout = TokenLayout((3, 8, 12), text_len=9)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, layout.seq_len, 2, 16, generator=g) for _ in range(3))
+    clustering = cluster_heads(q, k, layout, query_clusters=5, key_clusters=11)
+    starts = clustering.block_starts(layout, (32, 16))
+    assert starts[1].shape == (1, 2, -(-layout.video_len // 16) + 11 + 1 + 1)
+    for labels, bounds, size in ((clustering.q_labels, starts[0], 32), (clustering.k_labels, starts[1], 16)):
+        sizes = bounds[..., 1:] - bounds[..., :-1]
+        assert ((sizes >= 0) & (sizes <= size)).all() and (bounds[..., -1] == layout.seq_len).all()
+        sorted_labels = labels.sort(-1).values
+        for h in range(2):
+            for a, b in zip(bounds[0, h, :-1].tolist(), bounds[0, h, 1:].tolist()):
+                if a < b <= layout.video_len:
+                    assert len(set(sorted_labels[0, h, a:b].tolist())) == 1
+    with pytest.raises(ValueError, match="steps of 0 to the block size"):
+        BlockSparsePlan.from_block_mask(torch.ones(1, 1, 1, 1, dtype=torch.bool), layout, 16,
+                                        q_starts=torch.tensor([0, layout.seq_len]))
+    assert torch.equal(cluster_block_starts(clustering.k_labels, 11, layout, 16), starts[1])
+
+    budget = Budget(density=0.2)
+    mask = semantic_block_mask(clustering, layout, (32, 16), budget, starts=starts)
+    key_sizes = starts[1][..., 1:] - starts[1][..., :-1]
+    text_k = starts[1][..., 1:] > starts[1][..., :-1].clamp(min=layout.video_len)
+    video_q = (starts[0][..., 1:] <= layout.video_len) & (starts[0][..., 1:] > starts[0][..., :-1])
+    kept_video = ((mask & ~text_k[..., None, :]) * key_sizes[..., None, :]).sum(-1)
+    assert (mask | ~text_k[..., None, :]).all()
+    assert (kept_video[video_q] <= round(0.2 * layout.video_len)).all()
+    assert (kept_video[video_q] > 0).all()
+    q_order, kv_order = clustering.orders(layout)
+    plan = BlockSparsePlan.from_block_mask(mask, layout, (32, 16), q_order=q_order, kv_order=kv_order,
+                                           q_starts=starts[0], kv_starts=starts[1])
+    reference = sparse_attention(q, k, v, plan, backend="torch_reference")
+    for backend in ("torch", "flex"):
+        torch.testing.assert_close(sparse_attention(q, k, v, plan, backend=backend), reference, atol=1e-5, rtol=1e-5)

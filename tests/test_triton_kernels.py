@@ -22,7 +22,7 @@ from dit_sparse.kernels.block_sparse_attention_triton import (
     block_sparse_lse_triton,
     heavy_first_row_order,
 )
-from random_plans import random_plan
+from random_plans import random_orders, random_plan, random_starts
 
 INTERPRETED = triton_utils.interpreting()
 CUDA = torch.cuda.is_available() and not INTERPRETED
@@ -84,6 +84,29 @@ def test_sparse_attention_triton_matches_reference(case, dtype, device):
     assert out.dtype == dtype and out.shape == q.shape and not out.isnan().any()
     tol = tolerance(dtype)
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_variable_blocks_match_reference_and_their_lse(device):
+    """Cluster-aligned style plans: per-head variable blocks (empty ones included) of at most the
+    block size, larger than the tiles (several query tiles per block, several key tiles per block),
+    padded text; output and lse against the references."""
+    layout = TokenLayout((2, 5, 7), text_len=13, text_first=True, valid_text_len=(13, 4))
+    g = torch.Generator().manual_seed(4)
+    batch, heads = 2, 2
+    starts = {"q_starts": random_starts(layout, 32, heads, batch, g), "kv_starts": random_starts(layout, 64, heads, batch, g)}
+    mask = torch.rand(batch, heads, starts["q_starts"].shape[-1] - 1, starts["kv_starts"].shape[-1] - 1, generator=g) < 0.4
+    plan = BlockSparsePlan.from_block_mask(mask, layout, (32, 64), q_order=random_orders(layout, heads, batch, g),
+                                           kv_order=random_orders(layout, heads, batch, g), **starts).to(device)
+    q, k, v = (torch.randn(batch, layout.seq_len, heads, 16, generator=g).to(device) for _ in range(3))
+    tol = tolerance(torch.float32)
+    torch.testing.assert_close(sparse_attention(q, k, v, plan, backend="triton").float(),
+                               sparse_attention(q, k, v, plan, backend="torch_reference").float(), atol=tol, rtol=tol)
+    qp, kp, vp = in_plan_order(q, plan, "q"), in_plan_order(k, plan, "kv"), in_plan_order(v, plan, "kv")
+    _, lse = block_sparse_attention_triton(qp, kp, vp, *plan_rows(plan), kv_valid_len=plan.layout.key_valid_len(batch),
+                                           return_lse=True, q_starts=plan.q_starts, kv_starts=plan.kv_starts)
+    expected = dense_lse(q, k, plan)
+    assert torch.equal(lse.isneginf(), expected.isneginf())
+    torch.testing.assert_close(lse, expected, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

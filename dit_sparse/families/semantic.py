@@ -7,6 +7,9 @@ own blocks). A query cluster's attention over key clusters is estimated from the
 ``softmax(q_c . k_c * scale + log |k cluster|)`` (centroid scores weighted by cluster size), and
 spread over the blocks the clusters occupy. Each query block then keeps its heaviest key blocks of
 that estimate under the budget, exactly as the adaptive family does with a measured mass.
+
+On fixed blocks a block straddles clusters. Cluster-aligned blocks (:func:`cluster_block_starts`)
+cut each cluster into blocks of its own: whole clusters are kept, and the budget counts tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..budget import Budget
+from ..budget import Budget, keep_heaviest_keys
 from ..kmeans import kmeans
 from ..layout import TokenLayout
 from .adaptive import adaptive_block_mask
@@ -43,6 +46,42 @@ class SemanticClustering:
     def orders(self, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, H, S]`` query and key orders: video tokens sorted by cluster, then the text."""
         return _cluster_order(self.q_labels, layout), _cluster_order(self.k_labels, layout)
+
+    def block_starts(self, layout: TokenLayout, block_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, H, n + 1]`` query and key block boundaries over :meth:`orders` that align with the
+        clusters (see :func:`cluster_block_starts`)."""
+        return (
+            cluster_block_starts(self.q_labels, self.q_centroids.shape[-2], layout, block_size[0]),
+            cluster_block_starts(self.k_labels, self.k_centroids.shape[-2], layout, block_size[1]),
+        )
+
+
+def cluster_block_starts(labels: torch.Tensor, num_clusters: int, layout: TokenLayout, block: int) -> torch.Tensor:
+    """``[B, H, n + 1]`` block boundaries over the cluster order of ``labels`` (``[B, H, N]``): each
+    cluster cut into blocks of ``block`` tokens (its last one partial), so that no block holds two
+    clusters; then empty blocks, so that every head has ``ceil(N / block) + C`` video blocks; then
+    the text in blocks of ``block``.
+
+    Example::
+
+        >>> labels = torch.tensor([[[0, 1, 0, 2, 0, 0, 1]]])              # clusters of 4, 2 and 1 tokens
+        >>> cluster_block_starts(labels, 3, TokenLayout((1, 1, 7), text_len=3), 2).tolist()
+        [[[0, 2, 4, 6, 7, 7, 7, 7, 9, 10]]]
+    """
+    n = labels.shape[-1]
+    sizes = _cluster_sizes(labels, num_clusters).long()                                    # [B, H, C]
+    per_cluster = -(-sizes // block)
+    ends = per_cluster.cumsum(-1)
+    slots = torch.arange(-(-n // block) + num_clusters, device=labels.device)
+    cluster = torch.searchsorted(ends, slots.expand(*ends.shape[:-1], -1).contiguous(), right=True)
+    inside = cluster < num_clusters
+    cluster = cluster.clamp(max=num_clusters - 1)
+    within = slots - (ends - per_cluster).gather(-1, cluster)
+    video = torch.where(inside, (sizes.gather(-1, cluster) - within * block).clamp(0, block), 0)
+    text_starts = torch.arange(0, layout.text_len, block, device=labels.device)
+    text = (text_starts + block).clamp(max=layout.text_len) - text_starts
+    lengths = torch.cat([video, text.expand(*video.shape[:-1], -1)], -1)
+    return torch.nn.functional.pad(lengths.cumsum(-1), (1, 0))
 
 
 def cluster_heads(
@@ -91,10 +130,15 @@ def cluster_heads(
 
 
 def semantic_block_mass(
-    clustering: SemanticClustering, layout: TokenLayout, block_size: tuple[int, int], scale: float | None = None
+    clustering: SemanticClustering,
+    layout: TokenLayout,
+    block_size: tuple[int, int],
+    scale: float | None = None,
+    starts: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``[B, H, nQ, nK]`` the centroid estimate of the block mass over the cluster orders: rows of
     blocks holding video queries sum to 1, text keys get none (text blocks are always kept).
+    ``starts``: ``(q_starts, kv_starts)`` variable block boundaries (cluster-aligned blocks).
 
     Example::
 
@@ -107,9 +151,10 @@ def semantic_block_mass(
     k_sizes = _cluster_sizes(clustering.k_labels, clustering.k_centroids.shape[-2])
     logits = scale * clustering.q_centroids @ clustering.k_centroids.transpose(-1, -2) + k_sizes.log()[..., None, :]
     per_key = logits.softmax(-1) / k_sizes.clamp(min=1)[..., None, :]
-    q_share = _block_cluster_counts(clustering.q_labels, clustering.q_centroids.shape[-2], layout, block_size[0])
+    q_starts, kv_starts = (None, None) if starts is None else starts
+    q_share = _block_cluster_counts(clustering.q_labels, clustering.q_centroids.shape[-2], layout, block_size[0], q_starts)
     q_share = q_share / q_share.sum(-1, keepdim=True).clamp(min=1)
-    k_count = _block_cluster_counts(clustering.k_labels, clustering.k_centroids.shape[-2], layout, block_size[1])
+    k_count = _block_cluster_counts(clustering.k_labels, clustering.k_centroids.shape[-2], layout, block_size[1], kv_starts)
     return q_share @ per_key @ k_count.transpose(-1, -2)
 
 
@@ -119,9 +164,12 @@ def semantic_block_mask(
     block_size: tuple[int, int],
     budget: Budget,
     scale: float | None = None,
+    starts: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Boolean ``[B, H, nQ, nK]`` over the orders of :meth:`SemanticClustering.orders`: each query
     block's heaviest key blocks of the centroid estimate under ``budget`` (text blocks on top).
+    With ``starts`` (:meth:`SemanticClustering.block_starts`), over cluster-aligned blocks, the
+    budget counted in keys.
 
     Example::
 
@@ -131,7 +179,14 @@ def semantic_block_mask(
         >>> mask.sum(-1).unique().tolist()
         [4]
     """
-    return adaptive_block_mask(semantic_block_mass(clustering, layout, block_size, scale), layout, block_size, budget)
+    mass = semantic_block_mass(clustering, layout, block_size, scale, starts)
+    if starts is None:
+        return adaptive_block_mask(mass, layout, block_size, budget)
+    bounds = [s.to(mass.device) for s in starts]
+    sizes = [b[..., 1:] - b[..., :-1] for b in bounds]
+    text = [b[..., 1:] > b[..., :-1].clamp(min=layout.video_len) for b in bounds]
+    mask = keep_heaviest_keys(mass, sizes[1], budget, layout.seq_len, layout.video_len, text[1])
+    return mask | text[0][..., :, None]
 
 
 def _cluster_video(
@@ -166,11 +221,20 @@ def _cluster_sizes(labels: torch.Tensor, num_clusters: int) -> torch.Tensor:
     return sizes.scatter_add_(-1, labels, torch.ones_like(labels, dtype=sizes.dtype))
 
 
-def _block_cluster_counts(labels: torch.Tensor, num_clusters: int, layout: TokenLayout, block: int) -> torch.Tensor:
-    """``[B, H, nBlocks, C]`` tokens of each cluster in each block of the cluster order."""
+def _block_cluster_counts(
+    labels: torch.Tensor, num_clusters: int, layout: TokenLayout, block: int, starts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[B, H, nBlocks, C]`` tokens of each cluster in each block of the cluster order (fixed
+    blocks, or those ``starts`` bounds)."""
     sorted_labels = labels.sort(-1).values
-    blocks = torch.arange(labels.shape[-1], device=labels.device) // block
+    positions = torch.arange(labels.shape[-1], device=labels.device)
+    if starts is None:
+        blocks, n_blocks = positions // block, layout.num_blocks(block)
+    else:
+        starts = starts.to(labels.device).expand(*labels.shape[:-1], -1).contiguous()
+        blocks = torch.searchsorted(starts[..., 1:].contiguous(), positions.expand_as(labels).contiguous(), right=True)
+        n_blocks = starts.shape[-1] - 1
     index = blocks * num_clusters + sorted_labels
-    counts = torch.zeros(*labels.shape[:-1], layout.num_blocks(block) * num_clusters, device=labels.device)
+    counts = torch.zeros(*labels.shape[:-1], n_blocks * num_clusters, device=labels.device)
     counts.scatter_add_(-1, index, torch.ones_like(index, dtype=counts.dtype))
-    return counts.view(*labels.shape[:-1], layout.num_blocks(block), num_clusters)
+    return counts.view(*labels.shape[:-1], n_blocks, num_clusters)

@@ -36,9 +36,9 @@ def pictures(grid, text_len: int, density: float, block_size: int, seed: int) ->
         config = SparseAttentionConfig(pattern=pattern, density=density, block_size=block_size)
         plan, report = plan_from_calibration(calibration, config)
         picture = plan.to_block_mask()[0].float()
-        video_blocks = data.layout.num_video_blocks(block_size)
-        picture[:, video_blocks:] = MASK_TEXT
-        picture[:, :, video_blocks:] = MASK_TEXT
+        text_q, text_k = (plan.text_blocks(which)[0].expand(plan.num_heads, -1) for which in ("q", "kv"))
+        picture[text_q] = MASK_TEXT
+        picture.masked_fill_(text_k[:, None, :], MASK_TEXT)
         out[pattern] = (picture, report)
     return out
 

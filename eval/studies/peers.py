@@ -135,7 +135,10 @@ def _sampled_error(data, count: int, seed: int):
 
     def measure(plan: BlockSparsePlan) -> dict[str, float]:
         orders = {"plan": (plan.order("q", 1), plan.order("kv", 1))}
-        error = estimate_errors(sample, (plan.block_size_q, plan.block_size_k), orders, [Candidate(plan.to_block_mask(), "plan")], 1)
+        starts = {"plan": (plan.block_starts("q"), plan.block_starts("kv"))}
+        error = estimate_errors(
+            sample, (plan.block_size_q, plan.block_size_k), orders, [Candidate(plan.to_block_mask(), "plan")], 1, starts
+        )
         return _group_errors(error[0, 0], data.head_types)
 
     return measure
