@@ -1,0 +1,250 @@
+"""The fidelity study's report: ``fidelity.md`` with a table per part, ``fidelity.json`` and the
+figures under ``img/`` (PSNR against speedup for every method; quality and density against video
+length for each budget).
+
+Example::
+
+    >>> results = run_study(plan, prompts, model, warmup=1, repeats=1, seed=0)     # doctest: +SKIP
+    >>> write_report(results | {"command": "...", "started": "...", "finished": "..."}, Path("out"))  # doctest: +SKIP
+    PosixPath('out/fidelity.md')
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from .machine import describe_machine
+from .plots import save_figure
+from .report import write_json
+
+AGREEMENT = ("colour", "shape", "motion", "all")
+PART_TITLES = {
+    "pareto": "Pareto: every method at equal density",
+    "aging": "Plan aging: how often to re-plan",
+    "warmup": "Warm-up and dense layers",
+    "length": "Length: fixed density against alpha * n^C",
+}
+
+
+def write_report(results: dict[str, Any], out: Path) -> Path:
+    """Write ``fidelity.md``, ``results/fidelity.json`` and ``img/fidelity_*.png`` under ``out``; returns
+    the Markdown file's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    main = results["runs"][results["main_size"]]
+    pareto = [r for r in main["rows"] if r["part"] == "pareto"]
+    if pareto:
+        figures["pareto"] = save_figure(pareto_figure(pareto), out / "img" / "fidelity_pareto.png")
+    if any(r["part"] == "length" for r in main["rows"]):
+        figures["length"] = save_figure(length_figure(length_rows(results)), out / "img" / "fidelity_length.png")
+    (out / "results").mkdir(exist_ok=True)
+    write_json(results, out / "results" / "fidelity.json")
+    path = out / "fidelity.md"
+    path.write_text(markdown(results, {part: str(p.relative_to(out)) for part, p in figures.items()}))
+    return path
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """The results :func:`write_report` saved to ``path``, non-finite figures (saved as ``"inf"``,
+    ``"nan"``) as floats again."""
+    return _floats(json.loads(path.read_text()))
+
+
+def _floats(value: Any) -> Any:
+    if value in ("inf", "-inf", "nan"):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _floats(v) for k, v in value.items()}
+    return [_floats(v) for v in value] if isinstance(value, list) else value
+
+
+def markdown(results: dict[str, Any], figures: dict[str, str]) -> str:
+    """The report: how it ran, then a table (and figure) per part."""
+    main = results["runs"][results["main_size"]]
+    frames, height, width = main["size"]
+    lines = [
+        "## How this ran", "",
+        f"- Command: `{results['command']}`",
+        f"- Date: {results['started']} to {results['finished']} (UTC)",
+        f"- Machine: {describe_machine(main['machine'])} (of the main size; speedups are ratios within one run)",
+        f"- Scale: {_prompt_counts(results)}, {results['steps']} steps, main size {frames} frames of "
+        f"{height}x{width} ({main['tokens']} video tokens per attention call); dense videos made once per prompt "
+        "and size and shared by every method",
+        f"- Methods measured: {results['methods_done']}",
+        f"- LPIPS: {results['lpips']}",
+        *[f"- Note: {note}" for note in main["notes"]],
+        "",
+        "Figures are means over prompts: PSNR per frame, then over frames, then over prompts (`inf`: identical "
+        "frames); agreement is the share of the dense video's objects whose colour, shape and motion the clip "
+        "detector reads the same in the sparse one; speedups are dense time over method time, end to end (the "
+        "whole pipeline call) and in self-attention.",
+    ]
+    for part, title in PART_TITLES.items():
+        rows = [r for r in main["rows"] if r["part"] == part]
+        if not rows:
+            continue
+        lines += ["", f"## {title}", "", f"On {rows[0]['prompts']} prompts.", ""]
+        if part == "length":
+            lines += length_table(length_rows(results))
+        else:
+            lines += method_table(rows)
+        if part in figures:
+            lines += ["", f"![{title}]({figures[part]})"]
+    lines += ["", "## What the figures say", "", *findings(results)]
+    return "\n".join(lines) + "\n"
+
+
+def _prompt_counts(results: dict[str, Any]) -> str:
+    counts = {part: r["prompts"] for run in results["runs"].values() for r in run["rows"] for part in [r["part"]]}
+    pareto = counts.pop("pareto", None)
+    others = sorted(set(counts.values()))
+    if pareto is None or others in ([], [pareto]):
+        return f"{pareto or others[0]} held-out prompts"
+    return f"{pareto} held-out prompts for the Pareto part, the first {others[0]} of them for the others"
+
+
+def findings(results: dict[str, Any]) -> list[str]:
+    """Sentences computed from the figures: the library default against the targets (30 dB, 95 %
+    agreement), ``auto`` against each method at equal density and against SVG2 at twice its
+    density, the best re-planning and warm-up variants, and how each length budget holds up."""
+    main = results["runs"][results["main_size"]]
+    rows = main["rows"]
+    lines = []
+    default = next((r for r in rows if r["part"] != "length" and _is_default(r["config"])), None)
+    if default is not None:
+        lines.append(f"- Library defaults ({_describe(default)}): PSNR {_num(default['psnr'], 2)} dB (target 30), "
+                     f"detector agreement {_pct(default['agreement'].get('all'))} (target 95 %), end-to-end speedup "
+                     f"{_num(default['speedup'], 2, 'x')}, self-attention {_num(default['attention_speedup'], 2, 'x')}.")
+    pareto = [r for r in rows if r["part"] == "pareto"]
+    for budget in dict.fromkeys(r["budget"] for r in pareto if r["budget"] != "own"):
+        same = {r["label"]: r for r in pareto if r["budget"] == budget}
+        if "auto" not in same:
+            continue
+        auto = same.pop("auto")
+        beaten = [label for label, r in same.items() if _finite(r["psnr"]) > _finite(auto["psnr"])]
+        best = max(same.values(), key=lambda r: _finite(r["psnr"]), default=None)
+        verdict = ("at least as high as every other method's" if not beaten
+                   else f"below {', '.join(beaten)}'s (best: {best['label']}, {_num(best['psnr'], 2)} dB)")
+        lines.append(f"- Density {budget}: `auto` {_num(auto['psnr'], 2)} dB, {verdict}.")
+    for svg2 in (r for r in pareto if r["label"] == "svg2" and r["budget"] != "own"):
+        half = [r for r in pareto if r["label"] == "auto" and r["budget"] != "own"
+                and float(r["budget"]) <= float(svg2["budget"]) / 2]
+        for auto in half:
+            word = "at least as high as" if _finite(auto["psnr"]) >= _finite(svg2["psnr"]) else "below"
+            lines.append(f"- `auto` at density {auto['budget']} (at most half of SVG2's {svg2['budget']}): "
+                         f"{_num(auto['psnr'], 2)} dB, {word} SVG2's {_num(svg2['psnr'], 2)} dB.")
+    for part in ("aging", "warmup"):
+        mine = [r for r in rows if r["part"] == part]
+        if mine:
+            best = max(mine, key=lambda r: _finite(r["psnr"]))
+            ranked = ", ".join(f"{r['label']} {_num(r['psnr'], 2)} dB ({_num(r['speedup'], 2, 'x')})" for r in mine)
+            lines.append(f"- {PART_TITLES[part].split(':')[0]}: best PSNR with {best['label']}; {ranked}.")
+    length = length_rows(results)
+    for label in dict.fromkeys(r["label"] for r in length):
+        mine = [r for r in length if r["label"] == label]
+        trend = ", ".join(f"{r['tokens']} tokens: {_num(r['psnr'], 2)} dB at density {_num(r['density'], 3)}" for r in mine)
+        lines.append(f"- Length, {label}: {trend}.")
+    return lines or ["- Nothing measured yet."]
+
+
+def _is_default(config: dict[str, Any]) -> bool:
+    """Whether a row's config is ``SparseAttentionConfig()`` with its default budget made explicit."""
+    from dit_sparse import SparseAttentionConfig
+    from dit_sparse.config import DEFAULT_DENSITY
+
+    default = SparseAttentionConfig(density=DEFAULT_DENSITY).to_dict()
+    return config == default
+
+
+def _describe(row: dict[str, Any]) -> str:
+    c = row["config"]
+    return (f"{c['pattern']}, density {c['density']}, dense steps {c['dense_steps']}, dense layers "
+            f"{c['dense_layers'] or 'none'}, on {row['prompts']} prompts")
+
+
+def method_table(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per method: budget, density spent, PSNR, SSIM, LPIPS, agreement, speedups."""
+    head = ["method", "budget", "density spent", "PSNR (dB)", "SSIM", "LPIPS",
+            *(f"agree {a}" for a in AGREEMENT), "speedup", "attention speedup"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        cells = [r["label"], r["budget"], _num(r["density"], 3), _num(r["psnr"], 2), _num(r["ssim"], 4),
+                 _num(r["lpips"], 4), *(_pct(r["agreement"].get(a)) for a in AGREEMENT),
+                 _num(r["speedup"], 2, "x"), _num(r["attention_speedup"], 2, "x")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def length_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every length-part row of every size, with its size's token count."""
+    return [r | {"tokens": run["tokens"], "size": run["size"]}
+            for run in sorted(results["runs"].values(), key=lambda run: run["tokens"])
+            for r in run["rows"] if r["part"] == "length"]
+
+
+def length_table(rows: list[dict[str, Any]]) -> list[str]:
+    head = ["size (F x H x W)", "tokens", "budget", "requested", "density spent", "PSNR (dB)", "SSIM",
+            "agree all", "speedup"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        cells = ["x".join(map(str, r["size"])), str(r["tokens"]), r["label"], r["budget"], _num(r["density"], 3),
+                 _num(r["psnr"], 2), _num(r["ssim"], 4), _pct(r["agreement"].get("all")), _num(r["speedup"], 2, "x")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def pareto_figure(rows: list[dict[str, Any]]) -> Figure:
+    """PSNR against end-to-end speedup, one colour per method, a marker per requested budget."""
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    markers = dict(zip(dict.fromkeys(r["budget"] for r in rows), "osD^v<>p*"))
+    for index, label in enumerate(dict.fromkeys(r["label"] for r in rows)):
+        for r in (r for r in rows if r["label"] == label):
+            ax.scatter(r["speedup"], _finite(r["psnr"]), color=f"C{index % 10}", marker=markers[r["budget"]], s=40,
+                       label=label if r is next(x for x in rows if x["label"] == label) else None)
+    for budget, marker in markers.items():
+        ax.scatter([], [], color="grey", marker=marker, label=f"budget {budget}")
+    ax.set_xlabel("end-to-end speedup over dense")
+    ax.set_ylabel("PSNR vs dense (dB, frame mean)")
+    ax.set_title("Quality against speed, every method")
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside right center", fontsize=7, frameon=False)
+    return fig
+
+
+def length_figure(rows: list[dict[str, Any]]) -> Figure:
+    """PSNR and density spent against video tokens, one line per budget."""
+    fig = Figure(figsize=(8, 3.4), layout="constrained")
+    psnr, density = fig.subplots(1, 2)
+    for label in dict.fromkeys(r["label"] for r in rows):
+        mine = [r for r in rows if r["label"] == label]
+        tokens = [r["tokens"] for r in mine]
+        psnr.plot(tokens, [_finite(r["psnr"]) for r in mine], marker="o", label=label)
+        density.plot(tokens, [r["density"] for r in mine], marker="o", label=label)
+    for ax, name in ((psnr, "PSNR vs dense (dB)"), (density, "density spent")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("video tokens per attention call")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    density.legend(fontsize=7)
+    return fig
+
+
+def _finite(value: float | None) -> float:
+    """A PSNR to plot: ``inf`` (identical frames) drawn at 100 dB."""
+    return float("nan") if value is None else min(value, 100.0)
+
+
+def _num(value: float | None, digits: int, suffix: str = "") -> str:
+    if value is None:
+        return "–"
+    return "inf" if math.isinf(value) else f"{value:.{digits}f}{suffix}"
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
