@@ -45,7 +45,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     (out / "results").mkdir(exist_ok=True)
     write_json(results, out / "results" / "fidelity.json")
     path = out / "fidelity.md"
-    path.write_text(markdown(results, {part: str(p.relative_to(out)) for part, p in figures.items()}))
+    path.write_text(markdown(results, {part: str(p.relative_to(out)) for part, p in figures.items()}, out))
     return path
 
 
@@ -63,11 +63,23 @@ def _floats(value: Any) -> Any:
     return [_floats(v) for v in value] if isinstance(value, list) else value
 
 
-def markdown(results: dict[str, Any], figures: dict[str, str]) -> str:
-    """The report: how it ran, then a table (and figure) per part."""
+def markdown(results: dict[str, Any], figures: dict[str, str], out: Path) -> str:
+    """The report: what it measures and the command that writes it to ``out``, how it ran, a table
+    (and figure) per part, what the figures say and what was not measured."""
     main = results["runs"][results["main_size"]]
     frames, height, width = main["size"]
+    words = results["command"].split()
+    at = words.index("--out")
+    command = " ".join(words[:3] + ["--out", str(out)] + words[3:at] + words[at + 2:])
     lines = [
+        "# Fidelity on the reference model: methods, re-planning, warm-up, length", "",
+        "Sparse attention on the trained [reference model](reference-model.md), compared with dense attention on "
+        "the same held-out prompts and seeds: every method at equal density, how often plans should be made "
+        "again, how many steps and layers should stay dense, and which budget holds quality as videos grow. "
+        "One command writes this page, its figures and `results/fidelity.json` (what each stage measured, "
+        "written after every stage; `--report-only` writes the page again from it):", "",
+        "<!-- needs: hours of CPU at this scale -->", "```bash", command.replace(f" --out {out} ", f" --out {out} \\\n    ", 1),
+        "```", "",
         "## How this ran", "",
         f"- Command: `{results['command']}`",
         f"- Date: {results['started']} to {results['finished']} (UTC)",
@@ -96,6 +108,7 @@ def markdown(results: dict[str, Any], figures: dict[str, str]) -> str:
         if part in figures:
             lines += ["", f"![{title}]({figures[part]})"]
     lines += ["", "## What the figures say", "", *findings(results)]
+    lines += ["", "## Not measured here", "", *not_measured(results)]
     return "\n".join(lines) + "\n"
 
 
@@ -150,6 +163,44 @@ def findings(results: dict[str, Any]) -> list[str]:
         trend = ", ".join(f"{r['tokens']} tokens: {_num(r['psnr'], 2)} dB at density {_num(r['density'], 3)}" for r in mine)
         lines.append(f"- Length, {label}: {trend}.")
     return lines or ["- Nothing measured yet."]
+
+
+def not_measured(results: dict[str, Any]) -> list[str]:
+    """What the study leaves out, by design or because the run was cut short."""
+    lines = [
+        "- The error of a plan calibrated at step k at each later step, layer by layer: the aging part "
+        "measures the finished video under each re-planning schedule, not the per-step attention error.",
+        "- A drift-triggered recalibration (a per-step check on sampled query rows that re-plans a layer "
+        "when its estimated error passes a bound): not built.",
+        "- The defaults of `SparseAttentionConfig()` are unchanged: they are set from evidence on at least "
+        "16 prompts at the model's default size, which this page does not have for every part.",
+    ]
+    from .reference import reference_call_kwargs
+    from .study_fidelity import METHODS
+
+    default = reference_call_kwargs()
+    main = results["runs"][results["main_size"]]
+    if main["size"] != [default["num_frames"], default["height"], default["width"]] or (
+            results["steps"] != default["num_inference_steps"]):
+        lines.append(f"- The model's default size, {default['num_frames']} frames of {default['height']}x"
+                     f"{default['width']} in {default['num_inference_steps']} steps: this run used "
+                     f"{_size(main['size'])} in {results['steps']} steps.")
+    own = {"svg2 (own budget)": "svg2_own", "radial_paper (own budget)": "radial_paper"}
+    ran = {own.get(r["label"], r["label"]) for r in main["rows"] if r["part"] == "pareto"}
+    missing = [m for m in METHODS if m not in ran]
+    if missing and ran:
+        lines.append(f"- In the Pareto part: {', '.join(missing)} (left out of this run, `--methods`).")
+    if results["lpips"].startswith("skipped"):
+        lines.append(f"- LPIPS: {results['lpips']}.")
+    done, total = (int(n) for n in results["methods_done"].split(" of "))
+    if done < total:
+        lines.append(f"- {total - done} of the {total} planned methods: the run stopped before their stages.")
+    return lines
+
+
+def _size(size: list[int]) -> str:
+    frames, height, width = size
+    return f"{frames} frames of {height}x{width}"
 
 
 def _is_default(config: dict[str, Any]) -> bool:

@@ -28,6 +28,7 @@ from the saved results.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -36,12 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from dit_sparse import SparseAttentionConfig
+from dit_sparse.budget import Budget
 from dit_sparse.config import DEFAULT_DENSITY, PRESETS
 from dit_sparse.planner import FAMILIES
 
 from .settings import GenerationSettings
 
 PARTS = ("pareto", "aging", "warmup", "length")
+METHODS = ("auto", *FAMILIES, "svg1", "svg2", "radial_paper", "svg2_own")
 DENSITIES = (0.10, 0.15, 0.25)
 DENSE_STEP_SHARES = (0.0, 0.10, 0.25, 0.40)
 EXPONENTS = (0.5, 0.75)
@@ -76,19 +79,20 @@ class StudyPlan:
     steps: int
     stages: list[Stage] = field(default_factory=list)
 
-def pareto_methods(density: float) -> list[Method]:
-    """``auto``, the families and the peer presets (but ``radial_paper``, whose decay sets its
-    density) at ``density``."""
-    methods = [Method("pareto", pattern, str(density), SparseAttentionConfig(pattern=pattern, density=density))
-               for pattern in ("auto", *FAMILIES)]
-    return methods + [Method("pareto", name, str(density), SparseAttentionConfig.preset(name, density=density))
-                      for name in PRESETS if name != "radial_paper"]
+def pareto_methods(density: float, methods: tuple[str, ...] = METHODS) -> list[Method]:
+    """Each of ``methods`` (``auto``, families, peer presets) at ``density``, but ``radial_paper``
+    (its decay sets its density) and ``svg2_own`` (SVG2 at its own budget)."""
+    return [Method("pareto", name, str(density),
+                   SparseAttentionConfig.preset(name, density=density) if name in PRESETS
+                   else SparseAttentionConfig(pattern=name, density=density))
+            for name in methods if name not in ("radial_paper", "svg2_own")]
 
 
-def own_budget_methods() -> list[Method]:
-    """The peer presets whose own budget is not a density, once each."""
+def own_budget_methods(methods: tuple[str, ...] = METHODS) -> list[Method]:
+    """The peer presets whose own budget is not a density (``radial_paper``, ``svg2_own``: SVG2's
+    ``top_p``) among ``methods``, once each."""
     return [Method("pareto", f"{name} (own budget)", "own", SparseAttentionConfig.preset(name))
-            for name in ("radial_paper", "svg2")]
+            for name in ("radial_paper", "svg2") if {"svg2": "svg2_own"}.get(name, name) in methods]
 
 
 def aging_methods(base: SparseAttentionConfig, steps: int) -> list[Method]:
@@ -128,10 +132,20 @@ def warmup_methods(base: SparseAttentionConfig, steps: int) -> list[Method]:
 
 def length_methods(base: SparseAttentionConfig, density: float, smallest_tokens: int) -> list[Method]:
     """``base`` at a fixed ``density`` and at ``alpha * n**C`` keys per query, ``alpha`` matched to
-    ``density`` at ``smallest_tokens`` keys (``alpha = density * n0**(1 - C)``)."""
+    ``density`` at ``smallest_tokens`` keys: the key blocks ``density`` keeps there (rounded, as
+    :class:`~dit_sparse.budget.Budget` rounds it) are ``alpha * n0**C`` keys, a hair under so that
+    their rounding up gives the same count.
+
+    Example::
+
+        >>> [round(m.config.alpha * 512 ** m.config.exponent, 3) for m in length_methods(SparseAttentionConfig(), 0.15, 512)[1:]]
+        [64.0, 64.0]
+    """
+    block = base.block_sizes[1]
+    blocks = Budget(density=density).blocks_per_row(smallest_tokens, math.ceil(smallest_tokens / block), block)
     methods = [Method("length", f"density {density:g}", f"density {density:g}", replace(base, density=density))]
     for exponent in EXPONENTS:
-        alpha = density * smallest_tokens ** (1 - exponent)
+        alpha = blocks * block / smallest_tokens**exponent * (1 - 1e-9)
         methods.append(Method("length", f"alpha * n^{exponent:g}", f"alpha {alpha:.3g}, C {exponent:g}",
                               replace(base, density=None, alpha=alpha, exponent=exponent)))
     return methods
@@ -151,10 +165,12 @@ def video_tokens(size: tuple[int, int, int], temporal: int = 4, spatial: int = 4
 
 
 def plan_study(parts: list[str], size: tuple[int, int, int], steps: int, densities: tuple[float, ...],
-               length_sizes: list[tuple[int, int, int]], prompts: int, part_prompts: int) -> StudyPlan:
+               length_sizes: list[tuple[int, int, int]], prompts: int, part_prompts: int,
+               methods: tuple[str, ...] = METHODS, length_density: float = DEFAULT_DENSITY) -> StudyPlan:
     """The stages of ``parts``, most telling first, so that a run cut short still has them: the
-    Pareto methods at the first density (and the presets' own budgets) on ``prompts`` prompts, the
-    other parts on ``part_prompts`` (the first of them), the length part at every further size, then
+    Pareto ``methods`` at the first density (and the presets' own budgets) on ``prompts`` prompts, the
+    other parts on ``part_prompts`` (the first of them), the length part (``length_density`` against
+    ``alpha * n**C`` matched to it at the smallest size) at every further size, then
     the Pareto methods at each further density.
 
     Example::
@@ -164,12 +180,12 @@ def plan_study(parts: list[str], size: tuple[int, int, int], steps: int, densiti
         [(16, 9), (4, 4), (16, 7)]
     """
     base = SparseAttentionConfig(density=DEFAULT_DENSITY)
-    pareto = [pareto_methods(d) for d in densities] if "pareto" in parts else [[]]
+    pareto = [pareto_methods(d, methods) for d in densities] if "pareto" in parts else [[]]
     others = (aging_methods(base, steps) if "aging" in parts else []) + (
         warmup_methods(base, steps) if "warmup" in parts else [])
     smallest = min(video_tokens(s) for s in [size, *length_sizes])
-    length = length_methods(base, DEFAULT_DENSITY, smallest) if "length" in parts else []
-    first = pareto[0] + (own_budget_methods() if "pareto" in parts else [])
+    length = length_methods(base, length_density, smallest) if "length" in parts else []
+    first = pareto[0] + (own_budget_methods(methods) if "pareto" in parts else [])
     stages = [Stage(size, prompts, first), Stage(size, part_prompts, others + length)]
     stages += [Stage(s, part_prompts, length) for s in length_sizes if length and s != size]
     stages += [Stage(size, prompts, methods) for methods in pareto[1:]]
@@ -178,12 +194,13 @@ def plan_study(parts: list[str], size: tuple[int, int, int], steps: int, densiti
 
 def run_study(plan: StudyPlan, prompts: list[str], model: Any, warmup: int, repeats: int, seed: int,
               after_stage: Callable[[dict[str, Any]], None] = lambda results: None) -> dict[str, Any]:
-    """Generate and score every stage of ``plan`` on the first prompts of ``prompts``; dense videos
-    are made once per size and prompt and reused by every later stage at that size. Calls
-    ``after_stage`` with the results so far after each stage."""
+    """Generate and score every stage of ``plan`` on the first prompts of ``prompts``, one method
+    after another; dense videos are made once per size and prompt and reused by every later method
+    at that size. Calls ``after_stage`` with the results so far after each method (``other_cores``
+    of a size: the most other processes used during any of its methods)."""
     from .machine import OtherCpuUse, machine_info
     from .metrics import lpips_status
-    from .results import VBenchScores, build_results
+    from .results import VBenchScores, build_results, busy_machine_notes
     from .runner import run_evaluation
 
     lpips = lpips_status()
@@ -194,19 +211,21 @@ def run_study(plan: StudyPlan, prompts: list[str], model: Any, warmup: int, repe
         frames, height, width = stage.size
         settings = model.resolve(GenerationSettings(plan.steps, frames, height, width, seed=seed))
         model.check_video_size(settings)
-        configs = list({_key(m.config): m.config for m in stage.methods}.values())
-        with OtherCpuUse() as other:
-            run = run_evaluation(model, configs, prompts[: stage.prompts], settings, warmup, repeats,
-                                 dense=dense_runs.get(stage.size))
-        dense_runs.setdefault(stage.size, run.dense)
-        scored = build_results(run, machine_info(model.device) | {"other_cores": other.cores}, lpips, VBenchScores())
-        by_key = {_key(c): row for c, row in zip(configs, scored["configs"], strict=True)}
-        entry = results["runs"].setdefault(_name(stage.size), {
-            "size": list(stage.size), "tokens": video_tokens(stage.size), "dense": scored["dense"],
-            "machine": scored["machine"], "notes": scored["notes"], "prompt_adherence": scored["prompt_adherence"],
-            "rows": []})
-        entry["rows"] += [_row(m, by_key[_key(m.config)], stage.prompts) for m in stage.methods]
-        after_stage(results)
+        for config in {_key(m.config): m.config for m in stage.methods}.values():
+            with OtherCpuUse() as other:
+                run = run_evaluation(model, [config], prompts[: stage.prompts], settings, warmup, repeats,
+                                     dense=dense_runs.get(stage.size))
+            dense_runs.setdefault(stage.size, run.dense)
+            machine = machine_info(model.device) | {"other_cores": other.cores}
+            scored = build_results(run, machine, lpips, VBenchScores())
+            entry = results["runs"].setdefault(_name(stage.size), {
+                "size": list(stage.size), "tokens": video_tokens(stage.size), "dense": scored["dense"],
+                "machine": machine, "prompt_adherence": scored["prompt_adherence"], "rows": []})
+            entry["machine"]["other_cores"] = max(entry["machine"]["other_cores"], other.cores)
+            entry["notes"] = busy_machine_notes(entry["machine"])
+            entry["rows"] += [_row(m, scored["configs"][0], stage.prompts) for m in stage.methods
+                              if _key(m.config) == _key(config)]
+            after_stage(results)
     return results
 
 
@@ -246,7 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--length-sizes", type=int, nargs="+", default=[v for s in LENGTH_SIZES for v in s],
                         metavar="F H W", help="further sizes of the length part, as frame-height-width triples")
     parser.add_argument("--steps", type=int, default=16, help="denoising steps (default 16)")
-    parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
+    parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES),
+                        help="densities of the Pareto part, the first run first (default 0.1 0.15 0.25)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="methods of the Pareto part (default: all); radial_paper and svg2_own run once, at "
+                             "the peers' own budgets")
+    parser.add_argument("--length-density", type=float, default=DEFAULT_DENSITY,
+                        help=f"the fixed density of the length part (default {DEFAULT_DENSITY})")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls per method (default 1)")
     parser.add_argument("--repeats", type=int, default=1, help="timed calls per prompt and method (default 1)")
     parser.add_argument("--seed", type=int, default=0)
@@ -268,8 +293,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, StudyPlan]:
         parser.error(f"--part-prompts ({args.part_prompts}) takes the first of --prompts ({args.prompts}): give at most that")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
-    if not all(0 < d <= 1 for d in args.densities):
-        parser.error(f"--densities must lie in (0, 1], got {args.densities}")
+    if not all(0 < d <= 1 for d in [*args.densities, args.length_density]):
+        parser.error(f"--densities and --length-density must lie in (0, 1], got {args.densities}, {args.length_density}")
     if len(args.length_sizes) % 3:
         parser.error(f"--length-sizes takes frame-height-width triples, got {len(args.length_sizes)} numbers")
     sizes = [tuple(args.length_sizes[i:i + 3]) for i in range(0, len(args.length_sizes), 3)]
@@ -277,7 +302,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, StudyPlan]:
         parser.error("the length part needs at least one size besides --size in --length-sizes")
     try:
         plan = plan_study(args.parts, tuple(args.size), args.steps, tuple(args.densities), sizes, args.prompts,
-                          args.part_prompts)
+                          args.part_prompts, tuple(args.methods), args.length_density)
         from .preflight import check_out_folder, check_sparse_steps
 
         check_sparse_steps([m.config for stage in plan.stages for m in stage.methods], args.steps)
