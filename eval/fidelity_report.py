@@ -97,7 +97,7 @@ def markdown(results: dict[str, Any], figures: dict[str, str], out: Path) -> str
         "whole pipeline call) and in self-attention.",
     ]
     for part, title in PART_TITLES.items():
-        rows = [r for r in main["rows"] if r["part"] == part]
+        rows = sorted((r for r in main["rows"] if r["part"] == part), key=_budget_order)
         if not rows:
             continue
         lines += ["", f"## {title}", "", f"On {rows[0]['prompts']} prompts.", ""]
@@ -110,6 +110,13 @@ def markdown(results: dict[str, Any], figures: dict[str, str], out: Path) -> str
     lines += ["", "## What the figures say", "", *findings(results)]
     lines += ["", "## Not measured here", "", *not_measured(results)]
     return "\n".join(lines) + "\n"
+
+
+def _budget_order(row: dict[str, Any]) -> tuple[int, float]:
+    """Pareto rows by requested density, the peers' own budgets first; other parts keep their order."""
+    if row["part"] != "pareto":
+        return (0, 0.0)
+    return (0, 0.0) if row["budget"] == "own" else (1, float(row["budget"]))
 
 
 def _prompt_counts(results: dict[str, Any]) -> str:

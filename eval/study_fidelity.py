@@ -1,14 +1,14 @@
 """The fidelity study on the reference model: who wins at equal density, how plans age, how much dense
 warm-up is needed, and which budget keeps quality as videos grow. See docs/fidelity.md.
 
-    python -m dit_sparse.eval.study_fidelity --out fidelity-out                 # every part, 16 prompts
-    python -m dit_sparse.eval.study_fidelity --out docs --parts pareto --prompts 16 --size 29 64 64
+    python -m dit_sparse.eval.study_fidelity --out fidelity-out      # every part, 16 prompts, 29x128x128
+    python -m dit_sparse.eval.study_fidelity --out small --parts pareto --methods auto svg2 --size 9 80 80
 
 Parts (``--parts``, default all):
 
 - ``pareto``: ``auto``, each family and each peer preset (``svg1``, ``svg2`` with the density in place
-  of their own budget) at each ``--densities``, and ``radial_paper`` and ``svg2`` once at their own
-  budgets.
+  of their own budget) at each ``--densities``, and ``radial_paper`` and SVG2 (``svg2_own``) once at
+  their own budgets; ``--methods`` picks among them.
 - ``aging``: the default config with its plans made once, recalibrated every 4 and every 2 steps,
   and at every sparse step (each recalibration is a dense pass).
 - ``warmup``: the default config with 0, 10, 25, 40 % dense steps, with and without the first layer
@@ -16,13 +16,14 @@ Parts (``--parts``, default all):
 - ``length``: at each ``--length-sizes`` (the first video size too), a fixed density against
   ``alpha * n**C`` budgets matched to it at the smallest size.
 
-Every part at the main ``--size`` compares with the same dense videos, generated once per prompt
-(``--part-prompts`` runs the parts other than Pareto on the first prompts only). Each method's figures are means over the prompts: per-frame
-PSNR, SSIM, LPIPS (when its weights are on disk), the clip detector's agreement with the dense video
-(colour, shape, motion), and the end-to-end and self-attention speedups measured in the same run.
-Writes ``fidelity.md``, ``results/fidelity.json`` and ``img/fidelity_*.png`` under ``--out``, after
-every stage (a run cut short keeps what it measured); ``--report-only`` writes the report again
-from the saved results.
+Every method at the main ``--size`` compares with the same dense videos, generated once per prompt
+(``--part-prompts`` runs the parts other than Pareto on the first prompts only). Methods run one at
+a time, the most telling first (see :func:`plan_study`). Each method's figures are means over the
+prompts: per-frame PSNR, SSIM, LPIPS (when its weights are on disk), the clip detector's agreement
+with the dense video (colour, shape, motion), and the end-to-end and self-attention speedups
+measured in the same process. Writes ``fidelity.md``, ``results/fidelity.json`` and
+``img/fidelity_*.png`` under ``--out`` after every method (a run cut short keeps what it
+measured); ``--report-only`` writes the report again from the saved results.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from .settings import GenerationSettings
 
 PARTS = ("pareto", "aging", "warmup", "length")
 METHODS = ("auto", *FAMILIES, "svg1", "svg2", "radial_paper", "svg2_own")
-DENSITIES = (0.10, 0.15, 0.25)
+DENSITIES = (0.15, 0.10, 0.25)  # the library's default density first
 DENSE_STEP_SHARES = (0.0, 0.10, 0.25, 0.40)
 EXPONENTS = (0.5, 0.75)
 LENGTH_SIZES = ((13, 64, 64), (29, 96, 96))
@@ -63,7 +64,7 @@ class Method:
 
 @dataclass(frozen=True)
 class Stage:
-    """Methods run together at one video size on the first ``prompts`` prompts."""
+    """Methods run at one video size on the first ``prompts`` prompts."""
 
     size: tuple[int, int, int]
     prompts: int
@@ -167,17 +168,17 @@ def video_tokens(size: tuple[int, int, int], temporal: int = 4, spatial: int = 4
 def plan_study(parts: list[str], size: tuple[int, int, int], steps: int, densities: tuple[float, ...],
                length_sizes: list[tuple[int, int, int]], prompts: int, part_prompts: int,
                methods: tuple[str, ...] = METHODS, length_density: float = DEFAULT_DENSITY) -> StudyPlan:
-    """The stages of ``parts``, most telling first, so that a run cut short still has them: the
-    Pareto ``methods`` at the first density (and the presets' own budgets) on ``prompts`` prompts, the
-    other parts on ``part_prompts`` (the first of them), the length part (``length_density`` against
-    ``alpha * n**C`` matched to it at the smallest size) at every further size, then
-    the Pareto methods at each further density.
+    """The stages of ``parts``, most telling first, so that a run cut short still has them: ``auto``
+    and the peer presets among ``methods`` at the first density on ``prompts`` prompts; the other
+    parts on ``part_prompts`` (the first of them), the length part with ``length_density`` against
+    ``alpha * n**C`` matched to it at the smallest size; the families and the peers' own budgets; the
+    length part at every further size; the Pareto methods at each further density.
 
     Example::
 
         >>> plan = plan_study(["pareto", "aging"], (29, 128, 128), 16, (0.15, 0.1), [], prompts=16, part_prompts=4)
         >>> [(stage.prompts, len(stage.methods)) for stage in plan.stages]
-        [(16, 9), (4, 4), (16, 7)]
+        [(16, 3), (4, 4), (16, 6), (16, 7)]
     """
     base = SparseAttentionConfig(density=DEFAULT_DENSITY)
     pareto = [pareto_methods(d, methods) for d in densities] if "pareto" in parts else [[]]
@@ -185,8 +186,9 @@ def plan_study(parts: list[str], size: tuple[int, int, int], steps: int, densiti
         warmup_methods(base, steps) if "warmup" in parts else [])
     smallest = min(video_tokens(s) for s in [size, *length_sizes])
     length = length_methods(base, length_density, smallest) if "length" in parts else []
-    first = pareto[0] + (own_budget_methods(methods) if "pareto" in parts else [])
-    stages = [Stage(size, prompts, first), Stage(size, part_prompts, others + length)]
+    headline = [m for m in pareto[0] if m.label in ("auto", *PRESETS)]
+    rest = [m for m in pareto[0] if m not in headline] + (own_budget_methods(methods) if "pareto" in parts else [])
+    stages = [Stage(size, prompts, headline), Stage(size, part_prompts, others + length), Stage(size, prompts, rest)]
     stages += [Stage(s, part_prompts, length) for s in length_sizes if length and s != size]
     stages += [Stage(size, prompts, methods) for methods in pareto[1:]]
     return StudyPlan(size, steps, [stage for stage in stages if stage.methods])
@@ -266,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="F H W", help="further sizes of the length part, as frame-height-width triples")
     parser.add_argument("--steps", type=int, default=16, help="denoising steps (default 16)")
     parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES),
-                        help="densities of the Pareto part, the first run first (default 0.1 0.15 0.25)")
+                        help="densities of the Pareto part, the first run first (default 0.15 0.1 0.25)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="methods of the Pareto part (default: all); radial_paper and svg2_own run once, at "
                              "the peers' own budgets")
