@@ -31,9 +31,9 @@ PART_TITLES = {
 }
 
 
-def write_report(results: dict[str, Any], out: Path) -> Path:
-    """Write ``fidelity.md``, ``results/fidelity.json`` and ``img/fidelity_*.png`` under ``out``; returns
-    the Markdown file's path."""
+def write_report(results: dict[str, Any], out: Path, save: bool = True) -> Path:
+    """Write ``fidelity.md``, ``img/fidelity_*.png`` and (``save``) ``results/fidelity.json`` under
+    ``out``; returns the Markdown file's path."""
     out.mkdir(parents=True, exist_ok=True)
     figures = {}
     main = results["runs"][results["main_size"]]
@@ -42,8 +42,9 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
         figures["pareto"] = save_figure(pareto_figure(pareto), out / "img" / "fidelity_pareto.png")
     if any(r["part"] == "length" for r in main["rows"]):
         figures["length"] = save_figure(length_figure(length_rows(results)), out / "img" / "fidelity_length.png")
-    (out / "results").mkdir(exist_ok=True)
-    write_json(results, out / "results" / "fidelity.json")
+    if save:
+        (out / "results").mkdir(exist_ok=True)
+        write_json(results, out / "results" / "fidelity.json")
     path = out / "fidelity.md"
     path.write_text(markdown(results, {part: str(p.relative_to(out)) for part, p in figures.items()}, out))
     return path
@@ -53,6 +54,27 @@ def read_results(path: Path) -> dict[str, Any]:
     """The results :func:`write_report` saved to ``path``, non-finite figures (saved as ``"inf"``,
     ``"nan"``) as floats again."""
     return _floats(json.loads(path.read_text()))
+
+
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs' results as one report: each run's rows join the rows of the same video size (a
+    method already there is not repeated), the first run's main size and dense figures head the
+    page, and every run is listed with its command, dates and machine."""
+    merged = {**parts[0], "runs": {}, "sources": []}
+    for results in parts:
+        merged["sources"].append(source(results))
+        for name, run in results["runs"].items():
+            entry = merged["runs"].setdefault(name, {**run, "rows": []})
+            seen = {(r["part"], r["label"], r["budget"]) for r in entry["rows"]}
+            entry["rows"] += [r for r in run["rows"] if (r["part"], r["label"], r["budget"]) not in seen]
+    return merged
+
+
+def source(results: dict[str, Any]) -> dict[str, Any]:
+    """How one run ran: command, dates, methods measured, and the machine of its main size."""
+    main = results["runs"][results["main_size"]]
+    return {"command": results["command"], "started": results["started"], "finished": results["finished"],
+            "methods_done": results["methods_done"], "machine": main["machine"], "notes": main["notes"]}
 
 
 def _floats(value: Any) -> Any:
@@ -68,28 +90,39 @@ def markdown(results: dict[str, Any], figures: dict[str, str], out: Path) -> str
     (and figure) per part, what the figures say and what was not measured."""
     main = results["runs"][results["main_size"]]
     frames, height, width = main["size"]
-    words = results["command"].split()
-    at = words.index("--out")
-    command = " ".join(words[:3] + ["--out", str(out)] + words[3:at] + words[at + 2:])
+    sources = results.get("sources") or [source(results)]
+    commands = []
+    for run in sources:
+        words = run["command"].split()
+        at = words.index("--out")
+        commands.append(" ".join(words[:at + 2]).replace(f" --out {words[at + 1]}", f" --out {words[at + 1]} \\\n   ")
+                        + " " + " ".join(words[at + 2:]))
+    if len(sources) > 1:
+        commands += [f"# each run's results/fidelity.json copied to {out}/results/fidelity*.json, then:",
+                     f"python -m dit_sparse.eval.study_fidelity --out {out} --report-only"]
     lines = [
         "# Fidelity on the reference model: methods, re-planning, warm-up, length", "",
-        "Sparse attention on the trained [reference model](reference-model.md), compared with dense attention on "
-        "the same held-out prompts and seeds: every method at equal density, how often plans should be made "
+        "Sparse attention on the trained reference model (docs/reference-model.md), compared with dense attention "
+        "on the same held-out prompts and seeds: every method at equal density, how often plans should be made "
         "again, how many steps and layers should stay dense, and which budget holds quality as videos grow. "
-        "One command writes this page, its figures and `results/fidelity.json` (what each stage measured, "
-        "written after every stage; `--report-only` writes the page again from it):", "",
-        "<!-- needs: hours of CPU at this scale -->", "```bash", command.replace(f" --out {out} ", f" --out {out} \\\n    ", 1),
-        "```", "",
+        "`python -m dit_sparse.eval.study_fidelity --out DIR` writes this page, its figures and "
+        "`DIR/results/fidelity.json` (after every method); `--report-only` writes the page again from every "
+        "`DIR/results/fidelity*.json`, one per run. This page comes from:", "",
+        "<!-- needs: hours of CPU at this scale -->", "```bash", *commands, "```", "",
         "## How this ran", "",
-        f"- Command: `{results['command']}`",
-        f"- Date: {results['started']} to {results['finished']} (UTC)",
-        f"- Machine: {describe_machine(main['machine'])} (of the main size; speedups are ratios within one run)",
+    ]
+    for index, run in enumerate(sources, 1):
+        lines += [
+            f"- Run {index}: `{run['command']}`, {run['started']} to {run['finished']} (UTC), methods measured: "
+            f"{run['methods_done']}",
+            f"  - Machine: {describe_machine(run['machine'])}",
+            *[f"  - Note: {note}" for note in run["notes"]],
+        ]
+    lines += [
         f"- Scale: {_prompt_counts(results)}, {results['steps']} steps, main size {frames} frames of "
-        f"{height}x{width} ({main['tokens']} video tokens per attention call); dense videos made once per prompt "
-        "and size and shared by every method",
-        f"- Methods measured: {results['methods_done']}",
+        f"{height}x{width} ({main['tokens']} video tokens per attention call); dense videos made once per prompt, "
+        "size and run, and shared by every method of that run (each row's speedup is against them)",
         f"- LPIPS: {results['lpips']}",
-        *[f"- Note: {note}" for note in main["notes"]],
         "",
         "Figures are means over prompts: PSNR per frame, then over frames, then over prompts (`inf`: identical "
         "frames); agreement is the share of the dense video's objects whose colour, shape and motion the clip "
@@ -134,7 +167,10 @@ def findings(results: dict[str, Any]) -> list[str]:
     density, the best re-planning and warm-up variants, and how each length budget holds up."""
     main = results["runs"][results["main_size"]]
     rows = main["rows"]
-    lines = []
+    dense = main["dense"]
+    share = dense["attention_seconds"].get("self", 0.0) / dense["wall_seconds"]
+    lines = [f"- Self-attention is {share:.0%} of a dense call's time at the main size ({main['tokens']} video "
+             f"tokens): the most any attention speedup can save end to end."]
     default = next((r for r in rows if r["part"] != "length" and _is_default(r["config"])), None)
     if default is not None:
         lines.append(f"- Library defaults ({_describe(default)}): PSNR {_num(default['psnr'], 2)} dB (target 30), "
@@ -199,9 +235,10 @@ def not_measured(results: dict[str, Any]) -> list[str]:
         lines.append(f"- In the Pareto part: {', '.join(missing)} (left out of this run, `--methods`).")
     if results["lpips"].startswith("skipped"):
         lines.append(f"- LPIPS: {results['lpips']}.")
-    done, total = (int(n) for n in results["methods_done"].split(" of "))
+    counts = [[int(n) for n in run["methods_done"].split(" of ")] for run in results.get("sources") or [results]]
+    done, total = (sum(column) for column in zip(*counts))
     if done < total:
-        lines.append(f"- {total - done} of the {total} planned methods: the run stopped before their stages.")
+        lines.append(f"- {total - done} of the {total} planned methods: the run stopped before them.")
     return lines
 
 

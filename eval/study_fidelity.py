@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--report-only", action="store_true",
-                        help="write fidelity.md and the figures again from OUT/results/fidelity.json, generating nothing")
+                        help="write fidelity.md and the figures again from OUT/results/fidelity*.json (one per run, "
+                             "merged), generating nothing")
     return parser
 
 
@@ -316,15 +317,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, StudyPlan]:
 
 def main(argv: list[str] | None = None) -> int:
     args, plan = parse_args(argv)
-    from .fidelity_report import read_results, write_report
+    from .fidelity_report import merge_results, read_results, write_report
 
     if args.report_only:
-        saved = args.out / "results" / "fidelity.json"
-        if not saved.is_file():
-            print(f"--report-only reads {saved}, which does not exist: run the study with --out {args.out} first",
-                  file=sys.stderr)
+        saved = sorted((args.out / "results").glob("fidelity*.json"))
+        if not saved:
+            print(f"--report-only reads {args.out / 'results'}/fidelity*.json, and there is none: run the study "
+                  f"with --out {args.out} first", file=sys.stderr)
             return 2
-        print(f"wrote {write_report(read_results(saved), args.out)}")
+        print(f"wrote {write_report(merge_results([read_results(path) for path in saved]), args.out, save=False)}")
         return 0
     import torch
 

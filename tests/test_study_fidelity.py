@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+import shutil
 import statistics
 
 import pytest
@@ -100,3 +101,17 @@ def test_report_only_writes_the_same_report_from_the_saved_results(study):
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["--out", str(out), "--report-only"]) == 0
     assert (out / "fidelity.md").read_text() == before
+
+
+def test_report_only_merges_every_saved_run_without_repeating_a_method(study, tmp_path):
+    _, _, out, results = study
+    (tmp_path / "results").mkdir()
+    for name in ("fidelity.json", "fidelity_second_run.json"):
+        shutil.copy(out / "results" / "fidelity.json", tmp_path / "results" / name)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["--out", str(tmp_path), "--report-only"]) == 0
+    text = (tmp_path / "fidelity.md").read_text()
+    assert "- Run 1: `" in text and "- Run 2: `" in text and "--report-only" in text
+    for row in results["runs"][results["main_size"]]["rows"]:
+        line = f"| {row['label']} | {row['budget']} |"
+        assert text.count(line) == (out / "fidelity.md").read_text().count(line)
