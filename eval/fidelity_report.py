@@ -182,6 +182,8 @@ def findings(results: dict[str, Any]) -> list[str]:
         if "auto" not in same:
             continue
         auto = same.pop("auto")
+        if not same:
+            continue
         beaten = [label for label, r in same.items() if _finite(r["psnr"]) > _finite(auto["psnr"])]
         best = max(same.values(), key=lambda r: _finite(r["psnr"]), default=None)
         verdict = ("at least as high as every other method's" if not beaten
@@ -232,7 +234,7 @@ def not_measured(results: dict[str, Any]) -> list[str]:
     ran = {own.get(r["label"], r["label"]) for r in main["rows"] if r["part"] == "pareto"}
     missing = [m for m in METHODS if m not in ran]
     if missing and ran:
-        lines.append(f"- In the Pareto part: {', '.join(missing)} (left out of this run, `--methods`).")
+        lines.append(f"- In the Pareto part: {', '.join(missing)}.")
     if results["lpips"].startswith("skipped"):
         lines.append(f"- LPIPS: {results['lpips']}.")
     counts = [[int(n) for n in run["methods_done"].split(" of ")] for run in results.get("sources") or [results]]
