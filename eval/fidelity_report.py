@@ -189,6 +189,10 @@ def findings(results: dict[str, Any]) -> list[str]:
         verdict = ("at least as high as every other method's" if not beaten
                    else f"below {', '.join(beaten)}'s (best: {best['label']}, {_num(best['psnr'], 2)} dB)")
         lines.append(f"- Density {budget}: `auto` {_num(auto['psnr'], 2)} dB, {verdict}.")
+        over = [r for r in same.values() if r["density"] is not None and r["density"] > 1.5 * float(budget)]
+        if over:
+            lines.append(f"  Asked for {budget}, " + ", ".join(f"{r['label']} spent {_num(r['density'], 3)}" for r in over)
+                         + ": equal requests are not equal spending (see the density column).")
     for svg2 in (r for r in pareto if r["label"] == "svg2" and r["budget"] != "own"):
         half = [r for r in pareto if r["label"] == "auto" and r["budget"] != "own"
                 and float(r["budget"]) <= float(svg2["budget"]) / 2]
@@ -240,7 +244,8 @@ def not_measured(results: dict[str, Any]) -> list[str]:
     counts = [[int(n) for n in run["methods_done"].split(" of ")] for run in results.get("sources") or [results]]
     done, total = (sum(column) for column in zip(*counts))
     if done < total:
-        lines.append(f"- {total - done} of the {total} planned methods: the run stopped before them.")
+        lines.append(f"- {total - done} of the {total} methods the runs planned (counted per run): the runs were "
+                     "stopped before them; the tables show what was measured.")
     return lines
 
 
