@@ -98,7 +98,7 @@ def markdown(results: dict[str, Any], figures: dict[str, str], out: Path) -> str
         commands.append(" ".join(words[:at + 2]).replace(f" --out {words[at + 1]}", f" --out {words[at + 1]} \\\n   ")
                         + " " + " ".join(words[at + 2:]))
     if len(sources) > 1:
-        commands += [f"# each run's results/fidelity.json copied to {out}/results/fidelity*.json, then:",
+        commands += [f"# then, with the results/fidelity.json of every run copied to {out}/results/fidelity*.json:",
                      f"python -m dit_sparse.eval.study_fidelity --out {out} --report-only"]
     lines = [
         "# Fidelity on the reference model: methods, re-planning, warm-up, length", "",
