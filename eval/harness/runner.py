@@ -117,10 +117,13 @@ def run_evaluation(
     repeats: int = 1,
     plans_dir: Path | None = None,
     mask_layer: int | None = None,
+    dense: VariantRun | None = None,
 ) -> EvalRun:
     """Generate every prompt dense and under each config. Saves each config's plans (if it made any:
     ``pattern="dense"`` makes none) to ``plans_dir/<config name>.safetensors`` when given, and keeps
-    the block masks of self-attention layer ``mask_layer`` (default: the middle one) for pictures."""
+    the block masks of self-attention layer ``mask_layer`` (default: the middle one) for pictures.
+    ``dense``: the dense variant of an earlier run at the same settings whose prompts start with
+    ``prompts``, reused instead of generated again."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     if not prompts:
@@ -136,10 +139,15 @@ def run_evaluation(
             f"({first} .. {last})"
         )
     model.pipe.set_progress_bar_config(leave=False, position=1)
-    total = (1 + len(configs)) * (warmup + repeats * len(prompts))
+    if dense is not None and len(dense.generations) < len(prompts):
+        raise ValueError(f"the dense run to reuse has {len(dense.generations)} prompts, fewer than {len(prompts)}")
+    total = (len(configs) + (dense is None)) * (warmup + repeats * len(prompts))
     with tqdm(total=total, desc="generations", position=0) as bar, timer:
         session = _Session(model, prompts, model.resolve(settings), warmup, repeats, mask_layer, timer, bar)
-        dense = session.run(DENSE, DENSE, None)
+        if dense is None:
+            dense = session.run(DENSE, DENSE, None)
+        else:
+            dense = replace(dense, generations=dense.generations[: len(prompts)])
         sparse = []
         for index, config in enumerate(configs):
             pipeline = SparsePipeline(model.pipe, config)

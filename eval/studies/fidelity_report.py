@@ -1,0 +1,369 @@
+"""The fidelity study's report: ``fidelity.md`` with a table per part, ``fidelity.json`` and the
+figures under ``img/`` (PSNR against speedup for every method; quality and density against video
+length for each budget).
+
+Example::
+
+    >>> results = run_study(plan, prompts, model, warmup=1, repeats=1, seed=0)     # doctest: +SKIP
+    >>> write_report(results | {"command": "...", "started": "...", "finished": "..."}, Path("out"))  # doctest: +SKIP
+    PosixPath('out/fidelity.md')
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from ..machine import describe_machine
+from ..plots import save_figure
+from ..report import write_json
+
+AGREEMENT = ("colour", "shape", "motion", "all")
+PART_TITLES = {
+    "pareto": "Pareto: every method at equal density",
+    "aging": "Plan aging: how often to re-plan",
+    "warmup": "Warm-up and dense layers",
+    "length": "Length: fixed density against alpha * n^C",
+}
+
+
+def write_report(results: dict[str, Any], out: Path, save: bool = True) -> Path:
+    """Write ``fidelity.md``, ``img/fidelity_*.png`` and (``save``) ``results/fidelity.json`` under
+    ``out``; returns the Markdown file's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    main = results["runs"][results["main_size"]]
+    pareto = [r for r in main["rows"] if r["part"] == "pareto"]
+    if pareto:
+        figures["pareto"] = save_figure(pareto_figure(pareto), out / "img" / "fidelity_pareto.png")
+    if any(r["part"] == "length" for r in main["rows"]):
+        figures["length"] = save_figure(length_figure(length_rows(results)), out / "img" / "fidelity_length.png")
+    if save:
+        (out / "results").mkdir(exist_ok=True)
+        write_json(results, out / "results" / "fidelity.json")
+    path = out / "fidelity.md"
+    path.write_text(markdown(results, {part: str(p.relative_to(out)) for part, p in figures.items()}, out))
+    return path
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """The results :func:`write_report` saved to ``path``, non-finite figures (saved as ``"inf"``,
+    ``"nan"``) as floats again."""
+    return _floats(json.loads(path.read_text()))
+
+
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs' results as one report: each run's rows join the rows of the same video size (a
+    method already there is not repeated), the first run's main size and dense figures head the
+    page, and every run is listed with its command, dates and machine."""
+    merged = {**parts[0], "runs": {}, "sources": []}
+    for results in parts:
+        merged["sources"].append(source(results))
+        for name, run in results["runs"].items():
+            entry = merged["runs"].setdefault(name, {**run, "rows": []})
+            seen = {(r["part"], r["label"], r["budget"]) for r in entry["rows"]}
+            entry["rows"] += [r for r in run["rows"] if (r["part"], r["label"], r["budget"]) not in seen]
+    return merged
+
+
+def source(results: dict[str, Any]) -> dict[str, Any]:
+    """How one run ran: command, dates, methods measured, and the machine of its main size."""
+    main = results["runs"][results["main_size"]]
+    return {"command": results["command"], "started": results["started"], "finished": results["finished"],
+            "methods_done": results["methods_done"], "machine": main["machine"], "notes": main["notes"]}
+
+
+def _floats(value: Any) -> Any:
+    if value in ("inf", "-inf", "nan"):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _floats(v) for k, v in value.items()}
+    return [_floats(v) for v in value] if isinstance(value, list) else value
+
+
+def markdown(results: dict[str, Any], figures: dict[str, str], out: Path) -> str:
+    """The report: what it measures and the command that writes it to ``out``, how it ran, a table
+    (and figure) per part, what the figures say and what was not measured."""
+    main = results["runs"][results["main_size"]]
+    frames, height, width = main["size"]
+    sources = results.get("sources") or [source(results)]
+    commands = []
+    for run in sources:
+        words = run["command"].split()
+        at = words.index("--out")
+        commands.append(" ".join(words[:at + 2]).replace(f" --out {words[at + 1]}", f" --out {words[at + 1]} \\\n   ")
+                        + " " + " ".join(words[at + 2:]))
+    if len(sources) > 1:
+        commands += [f"# then, with the results/fidelity.json of every run copied to {out}/results/fidelity*.json:",
+                     f"python -m dit_sparse.eval.studies.fidelity --out {out} --report-only"]
+    lines = [
+        "# Fidelity on the reference model: methods, re-planning, warm-up, length", "",
+        "Sparse attention on the trained reference model (docs/reference-model.md), compared with dense attention "
+        "on the same held-out prompts and seeds: every method at equal density, how often plans should be made "
+        "again, how many steps and layers should stay dense, and which budget holds quality as videos grow. "
+        "`python -m dit_sparse.eval.studies.fidelity --out DIR` writes this page, its figures and "
+        "`DIR/results/fidelity.json` (after every method); `--report-only` writes the page again from every "
+        "`DIR/results/fidelity*.json`, one per run. This page comes from:", "",
+        "<!-- needs: hours of CPU at this scale -->", "```bash", *commands, "```", "",
+        "## How this ran", "",
+    ]
+    for index, run in enumerate(sources, 1):
+        lines += [
+            f"- Run {index}: `{run['command']}`, {run['started']} to {run['finished']} (UTC), methods measured: "
+            f"{run['methods_done']}",
+            f"  - Machine: {describe_machine(run['machine'])}",
+            *[f"  - Note: {note}" for note in run["notes"]],
+        ]
+    lines += [
+        f"- Scale: {_prompt_counts(results)}, {results['steps']} steps, main size {frames} frames of "
+        f"{height}x{width} ({main['tokens']} video tokens per attention call); dense videos made once per prompt, "
+        "size and run, and shared by every method of that run (each row's speedup is against them)",
+        f"- LPIPS: {results['lpips']}",
+        "",
+        "Figures are means over prompts: PSNR per frame, then over frames, then over prompts (`inf`: identical "
+        "frames); agreement is the share of the dense video's objects whose colour, shape and motion the clip "
+        "detector reads the same in the sparse one; speedups are dense time over method time, end to end (the "
+        "whole pipeline call) and in self-attention. The dense videos are timed once, when a run starts: on a "
+        "machine whose load changes during the run, a speedup compares different loads, and one above what "
+        f"removing all self-attention could give ({speedup_cap(main['dense']):.2f}x at the main size) is marked "
+        "\"(load)\": a change of load, not the method.",
+    ]
+    for part, title in PART_TITLES.items():
+        rows = sorted((r | {"speedup_cap": speedup_cap(main["dense"])} for r in main["rows"] if r["part"] == part),
+                      key=_budget_order)
+        if not rows:
+            continue
+        lines += ["", f"## {title}", "", f"On {rows[0]['prompts']} prompts.", ""]
+        if part == "length":
+            lines += length_table(length_rows(results))
+        else:
+            lines += method_table(rows)
+        if part in figures:
+            lines += ["", f"![{title}]({figures[part]})"]
+    lines += ["", "## What the figures say", "", *findings(results)]
+    lines += ["", "## Not measured here", "", *not_measured(results)]
+    return "\n".join(lines) + "\n"
+
+
+def _budget_order(row: dict[str, Any]) -> tuple[int, float]:
+    """Pareto rows by requested density, the peers' own budgets first; other parts keep their order."""
+    if row["part"] != "pareto":
+        return (0, 0.0)
+    return (0, 0.0) if row["budget"] == "own" else (1, float(row["budget"]))
+
+
+def _prompt_counts(results: dict[str, Any]) -> str:
+    counts = {part: r["prompts"] for run in results["runs"].values() for r in run["rows"] for part in [r["part"]]}
+    pareto = counts.pop("pareto", None)
+    others = sorted(set(counts.values()))
+    if pareto is None or others in ([], [pareto]):
+        return f"{pareto or others[0]} held-out prompts"
+    return f"{pareto} held-out prompts for the Pareto part, the first {others[0]} of them for the others"
+
+
+def findings(results: dict[str, Any]) -> list[str]:
+    """Sentences computed from the figures: the library default against the targets (30 dB, 95 %
+    agreement), ``auto`` against each method at equal density and against SVG2 at twice its
+    density, the best re-planning and warm-up variants, and how each length budget holds up."""
+    main = results["runs"][results["main_size"]]
+    rows = main["rows"]
+    dense = main["dense"]
+    share = dense["attention_seconds"].get("self", 0.0) / dense["wall_seconds"]
+    lines = [f"- Self-attention is {share:.0%} of a dense call's time at the main size ({main['tokens']} video "
+             f"tokens): the most any attention speedup can save end to end."]
+    default = next((r for r in rows if r["part"] != "length" and _is_default(r["config"])), None)
+    if default is not None:
+        lines.append(f"- Library defaults ({_describe(default)}): PSNR {_num(default['psnr'], 2)} dB (target 30), "
+                     f"detector agreement {_pct(default['agreement'].get('all'))} (target 95 %), end-to-end speedup "
+                     f"{_num(default['speedup'], 2, 'x')}, self-attention {_num(default['attention_speedup'], 2, 'x')}.")
+    pareto = [r for r in rows if r["part"] == "pareto"]
+    for budget in dict.fromkeys(r["budget"] for r in pareto if r["budget"] != "own"):
+        same = {r["label"]: r for r in pareto if r["budget"] == budget}
+        if "auto" not in same:
+            continue
+        auto = same.pop("auto")
+        if not same:
+            continue
+        beaten = [label for label, r in same.items() if _finite(r["psnr"]) > _finite(auto["psnr"])]
+        best = max(same.values(), key=lambda r: _finite(r["psnr"]), default=None)
+        verdict = ("at least as high as every other method's" if not beaten
+                   else f"below {', '.join(beaten)}'s (best: {best['label']}, {_num(best['psnr'], 2)} dB)")
+        lines.append(f"- Density {budget}: `auto` {_num(auto['psnr'], 2)} dB, {verdict}.")
+        over = [r for r in same.values() if r["density"] is not None and r["density"] > 1.5 * float(budget)]
+        if over:
+            lines.append(f"  Asked for {budget}, " + ", ".join(f"{r['label']} spent {_num(r['density'], 3)}" for r in over)
+                         + ": equal requests are not equal spending (see the density column).")
+    for svg2 in (r for r in pareto if r["label"] == "svg2" and r["budget"] != "own"):
+        half = [r for r in pareto if r["label"] == "auto" and r["budget"] != "own"
+                and float(r["budget"]) <= float(svg2["budget"]) / 2]
+        for auto in half:
+            word = "at least as high as" if _finite(auto["psnr"]) >= _finite(svg2["psnr"]) else "below"
+            lines.append(f"- `auto` at density {auto['budget']} (at most half of SVG2's {svg2['budget']}): "
+                         f"{_num(auto['psnr'], 2)} dB, {word} SVG2's {_num(svg2['psnr'], 2)} dB.")
+    for part in ("aging", "warmup"):
+        mine = [r for r in rows if r["part"] == part]
+        if mine:
+            best = max(mine, key=lambda r: _finite(r["psnr"]))
+            ranked = ", ".join(f"{r['label']} {_num(r['psnr'], 2)} dB" for r in mine)
+            lines.append(f"- {PART_TITLES[part].split(':')[0]}: best PSNR with {best['label']}; {ranked}.")
+    length = length_rows(results)
+    for label in dict.fromkeys(r["label"] for r in length):
+        mine = [r for r in length if r["label"] == label]
+        trend = ", ".join(f"{r['tokens']} tokens: {_num(r['psnr'], 2)} dB at density {_num(r['density'], 3)}" for r in mine)
+        lines.append(f"- Length, {label}: {trend}.")
+    return lines or ["- Nothing measured yet."]
+
+
+def not_measured(results: dict[str, Any]) -> list[str]:
+    """What the study leaves out, by design or because the run was cut short."""
+    lines = [
+        "- The error of a plan calibrated at step k at each later step, layer by layer: the aging part "
+        "measures the finished video under each re-planning schedule, not the per-step attention error.",
+        "- A drift-triggered recalibration (a per-step check on sampled query rows that re-plans a layer "
+        "when its estimated error passes a bound): not built.",
+        "- The defaults of `SparseAttentionConfig()` are unchanged: they are set from evidence on at least "
+        "16 prompts at the model's default size, which this page does not have for every part.",
+    ]
+    from ..reference import reference_call_kwargs
+    from .fidelity import METHODS
+
+    default = reference_call_kwargs()
+    main = results["runs"][results["main_size"]]
+    if main["size"] != [default["num_frames"], default["height"], default["width"]] or (
+            results["steps"] != default["num_inference_steps"]):
+        lines.append(f"- The model's default size, {default['num_frames']} frames of {default['height']}x"
+                     f"{default['width']} in {default['num_inference_steps']} steps: this run used "
+                     f"{_size(main['size'])} in {results['steps']} steps.")
+    own = {"svg2 (own budget)": "svg2_own", "radial_paper (own budget)": "radial_paper"}
+    ran = {own.get(r["label"], r["label"]) for r in main["rows"] if r["part"] == "pareto"}
+    missing = [m for m in METHODS if m not in ran]
+    if missing and ran:
+        lines.append(f"- In the Pareto part: {', '.join(missing)}.")
+    if results["lpips"].startswith("skipped"):
+        lines.append(f"- LPIPS: {results['lpips']}.")
+    counts = [[int(n) for n in run["methods_done"].split(" of ")] for run in results.get("sources") or [results]]
+    done, total = (sum(column) for column in zip(*counts))
+    if done < total:
+        lines.append(f"- {total - done} of the {total} methods the runs planned (counted per run): the runs were "
+                     "stopped before them; the tables show what was measured.")
+    return lines
+
+
+def _size(size: list[int]) -> str:
+    frames, height, width = size
+    return f"{frames} frames of {height}x{width}"
+
+
+def _is_default(config: dict[str, Any]) -> bool:
+    """Whether a row's config is ``SparseAttentionConfig()`` with its default budget made explicit."""
+    from dit_sparse import SparseAttentionConfig
+    from dit_sparse.config import DEFAULT_DENSITY
+
+    default = SparseAttentionConfig(density=DEFAULT_DENSITY).to_dict()
+    return config == default
+
+
+def _describe(row: dict[str, Any]) -> str:
+    c = row["config"]
+    return (f"{c['pattern']}, density {c['density']}, dense steps {c['dense_steps']}, dense layers "
+            f"{c['dense_layers'] or 'none'}, on {row['prompts']} prompts")
+
+
+def method_table(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per method: budget, density spent, PSNR, SSIM, LPIPS, agreement, speedups."""
+    head = ["method", "budget", "density spent", "PSNR (dB)", "SSIM", "LPIPS",
+            *(f"agree {a}" for a in AGREEMENT), "speedup", "attention speedup"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        cells = [r["label"], r["budget"], _num(r["density"], 3), _num(r["psnr"], 2), _num(r["ssim"], 4),
+                 _num(r["lpips"], 4), *(_pct(r["agreement"].get(a)) for a in AGREEMENT),
+                 _speedup(r), _num(r["attention_speedup"], 2, "x")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def speedup_cap(dense: dict[str, Any]) -> float:
+    """The end-to-end speedup that removing all self-attention from a dense call would give,
+    ``1 / (1 - share)``: a measured speedup above it comes from a change of the machine's load
+    between the dense run and the method's, not from the method."""
+    share = dense["attention_seconds"].get("self", 0.0) / dense["wall_seconds"]
+    return 1 / (1 - share) if share < 1 else math.inf
+
+
+def _speedup(row: dict[str, Any]) -> str:
+    flag = " (load)" if row["speedup"] is not None and row["speedup"] > row["speedup_cap"] else ""
+    return _num(row["speedup"], 2, "x") + flag
+
+
+def length_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every length-part row of every size, with its size's token count."""
+    return [r | {"tokens": run["tokens"], "size": run["size"], "speedup_cap": speedup_cap(run["dense"])}
+            for run in sorted(results["runs"].values(), key=lambda run: run["tokens"])
+            for r in run["rows"] if r["part"] == "length"]
+
+
+def length_table(rows: list[dict[str, Any]]) -> list[str]:
+    head = ["size (F x H x W)", "tokens", "budget", "requested", "density spent", "PSNR (dB)", "SSIM",
+            "agree all", "speedup"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        cells = ["x".join(map(str, r["size"])), str(r["tokens"]), r["label"], r["budget"], _num(r["density"], 3),
+                 _num(r["psnr"], 2), _num(r["ssim"], 4), _pct(r["agreement"].get("all")), _speedup(r)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def pareto_figure(rows: list[dict[str, Any]]) -> Figure:
+    """PSNR against end-to-end speedup, one colour per method, a marker per requested budget."""
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    markers = dict(zip(dict.fromkeys(r["budget"] for r in rows), "osD^v<>p*"))
+    for index, label in enumerate(dict.fromkeys(r["label"] for r in rows)):
+        for r in (r for r in rows if r["label"] == label):
+            ax.scatter(r["speedup"], _finite(r["psnr"]), color=f"C{index % 10}", marker=markers[r["budget"]], s=40,
+                       label=label if r is next(x for x in rows if x["label"] == label) else None)
+    for budget, marker in markers.items():
+        ax.scatter([], [], color="grey", marker=marker, label=f"budget {budget}")
+    ax.set_xlabel("end-to-end speedup over dense")
+    ax.set_ylabel("PSNR vs dense (dB, frame mean)")
+    ax.set_title("Quality against speed, every method")
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside right center", fontsize=7, frameon=False)
+    return fig
+
+
+def length_figure(rows: list[dict[str, Any]]) -> Figure:
+    """PSNR and density spent against video tokens, one line per budget."""
+    fig = Figure(figsize=(8, 3.4), layout="constrained")
+    psnr, density = fig.subplots(1, 2)
+    for label in dict.fromkeys(r["label"] for r in rows):
+        mine = [r for r in rows if r["label"] == label]
+        tokens = [r["tokens"] for r in mine]
+        psnr.plot(tokens, [_finite(r["psnr"]) for r in mine], marker="o", label=label)
+        density.plot(tokens, [r["density"] for r in mine], marker="o", label=label)
+    for ax, name in ((psnr, "PSNR vs dense (dB)"), (density, "density spent")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("video tokens per attention call")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    density.legend(fontsize=7)
+    return fig
+
+
+def _finite(value: float | None) -> float:
+    """A PSNR to plot: ``inf`` (identical frames) drawn at 100 dB."""
+    return float("nan") if value is None else min(value, 100.0)
+
+
+def _num(value: float | None, digits: int, suffix: str = "") -> str:
+    if value is None:
+        return "–"
+    return "inf" if math.isinf(value) else f"{value:.{digits}f}{suffix}"
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"

@@ -1,0 +1,117 @@
+"""The fidelity study's command end to end on the reference model at a tiny size: every part's table and
+figure, and figures that come from the run (density 1.0 reproduces dense, an ``alpha * n**C`` budget
+matched at the smallest size spends what the fixed density spends there and less at a larger size)."""
+
+import contextlib
+import io
+import json
+import math
+import shutil
+import statistics
+
+import pytest
+
+from dit_sparse.eval.studies.fidelity_report import PART_TITLES
+from dit_sparse.eval.studies.fidelity import main, plan_study
+
+TINY = ["--prompts", "2", "--part-prompts", "1", "--size", "5", "32", "32", "--length-sizes", "5", "64", "64",
+        "--steps", "2", "--warmup", "0", "--methods", "auto", "svg2", "svg2_own", "--length-density", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fidelity")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main([*TINY, "--densities", "1.0", "--out", str(out)])
+    results = json.loads((out / "results" / "fidelity.json").read_text())
+    return code, printed.getvalue(), out, results
+
+
+def _psnr(value):
+    return math.inf if value == "inf" else value
+
+
+def test_the_report_has_a_table_per_part_and_the_figures(study):
+    code, printed, out, results = study
+    assert code == 0 and "wrote " in printed
+    text = (out / "fidelity.md").read_text()
+    assert results["command"] in text and "2 held-out prompts for the Pareto part, the first 1 of them" in text
+    for title in PART_TITLES.values():
+        assert f"## {title}" in text
+    assert (out / "img" / "fidelity_pareto.png").stat().st_size > 0
+    assert (out / "img" / "fidelity_length.png").stat().st_size > 0
+    main_run = results["runs"][results["main_size"]]
+    assert {row["part"] for row in main_run["rows"]} == set(PART_TITLES)
+    dense_walls = [statistics.median(walls) for walls in main_run["dense"]["per_prompt_wall_seconds"]]
+    for row in main_run["rows"]:
+        dense_wall = statistics.fmean(dense_walls[: row["prompts"]])   # the dense videos of the same prompts
+        assert row["speedup"] == pytest.approx(dense_wall / row["wall_seconds"])
+        assert f"| {row['label']} | {row['budget']} |" in text
+
+
+def test_density_one_reproduces_the_dense_videos(study):
+    *_, results = study
+    rows = [r for r in results["runs"][results["main_size"]]["rows"] if r["budget"] == "1.0"]
+    assert {r["label"] for r in rows} == {"auto", "svg2"}
+    for row in rows:
+        assert _psnr(row["psnr"]) > 60 and row["ssim"] > 0.9999 and row["agreement"]["all"] == 1.0
+        assert row["prompts"] == 2
+
+
+def test_other_parts_reuse_the_dense_videos_on_fewer_prompts(study):
+    *_, results = study
+    main_run = results["runs"][results["main_size"]]
+    others = [r for r in main_run["rows"] if r["part"] != "pareto"]
+    assert others and all(r["prompts"] == 1 and len(r["per_prompt_psnr"]) == 1 for r in others)
+    once = next(r for r in others if r["label"] == "recalibrate plan once")
+    assert 0 < once["density"] < 1 and _psnr(once["psnr"]) < 60
+
+
+def test_alpha_budgets_match_the_fixed_density_at_the_smallest_size_only(study):
+    *_, results = study
+    small, large = sorted(results["runs"].values(), key=lambda run: run["tokens"])
+    assert small["tokens"] < large["tokens"]
+    for run in (small, large):
+        rows = {r["label"]: r for r in run["rows"] if r["part"] == "length"}
+        fixed = rows.pop("density 0.5")
+        assert set(rows) == {"alpha * n^0.5", "alpha * n^0.75"}
+        for row in rows.values():
+            if run is small:
+                assert row["density"] == pytest.approx(fixed["density"]) and row["psnr"] == fixed["psnr"]
+            else:   # fewer keys per query than the fixed share as n grows, fewer still for a smaller C
+                assert row["density"] < fixed["density"]
+        if run is large:
+            assert rows["alpha * n^0.5"]["density"] < rows["alpha * n^0.75"]["density"]
+
+
+def test_plans_skip_variants_that_coincide_and_check_flags_before_loading(capsys):
+    plan = plan_study(["aging", "warmup"], (5, 32, 32), 2, (0.1,), [], prompts=2, part_prompts=2)
+    labels = [m.label for m in plan.stages[0].methods]
+    assert labels.count("recalibrate plan once") == 1 and "last step dense" not in labels   # 1 + 1 dense of 2
+    with pytest.raises(SystemExit):
+        main(["--out", "x", "--prompts", "2", "--part-prompts", "3"])
+    assert "--part-prompts (3) takes the first of --prompts (2)" in capsys.readouterr().err
+
+
+def test_report_only_writes_the_same_report_from_the_saved_results(study):
+    _, _, out, _ = study
+    before = (out / "fidelity.md").read_text()
+    (out / "fidelity.md").unlink()
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["--out", str(out), "--report-only"]) == 0
+    assert (out / "fidelity.md").read_text() == before
+
+
+def test_report_only_merges_every_saved_run_without_repeating_a_method(study, tmp_path):
+    _, _, out, results = study
+    (tmp_path / "results").mkdir()
+    for name in ("fidelity.json", "fidelity_second_run.json"):
+        shutil.copy(out / "results" / "fidelity.json", tmp_path / "results" / name)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["--out", str(tmp_path), "--report-only"]) == 0
+    text = (tmp_path / "fidelity.md").read_text()
+    assert "- Run 1: `" in text and "- Run 2: `" in text and "--report-only" in text
+    for row in results["runs"][results["main_size"]]["rows"]:
+        line = f"| {row['label']} | {row['budget']} |"
+        assert text.count(line) == (out / "fidelity.md").read_text().count(line)
