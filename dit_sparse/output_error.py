@@ -70,6 +70,10 @@ class RowSample:
         return cls(rows, q[:, rows], k, v, layout)
 
 
+# Sampled rows scored at a time: bounds the [rows, keys] score and weight buffers.
+_ROW_CHUNK = 64
+
+
 @dataclass
 class Candidate:
     """A block mask ``[B|1, H, nQ, nK]`` over the token orders named ``orders`` (a key of the
@@ -131,25 +135,30 @@ def estimate_errors(
         for b in range(batch):
             for h in range(heads):
                 keys = kv_order[b, h]
-                scores = (sample.q_rows[b, :, h].float() * scale) @ k[b, keys, h].float().T + key_bias[b, keys]
-                scores, values = _key_blocks(scores, v[b, keys, h].float(), k_bounds[b, h], bk, name in starts)
-                weights = (scores - scores.flatten(1).amax(-1)[:, None, None]).exp()        # [R, nK, bk]
-                numer = torch.einsum("rcj,cjd->rcd", weights, values)                    # [R, nK, D]
-                denom = weights.sum(-1)                                                  # [R, nK]
-                dense = numer.sum(1) / denom.sum(1, keepdim=True)
-                if reference_pending:
-                    sq_ref[b, h] = dense.double().pow(2).sum()
-                position = TokenLayout.inverse(q_order[b, h])[sample.rows]
-                q_block = torch.searchsorted(q_bounds[b, h, 1:], position, right=True)
+                k_head, v_head = k[b, keys, h].float(), v[b, keys, h].float()
+                positions = TokenLayout.inverse(q_order[b, h])[sample.rows]
                 text_key = _text_blocks(k_bounds[b, h], layout)
-                text_row = _text_blocks(q_bounds[b, h], layout)[q_block][:, None]
-                for i in members:
-                    mask = candidates[i].mask
-                    row_mask = mask[min(b, mask.shape[0] - 1), h, q_block] | text_key | text_row   # [R, nK]
-                    row_mask = row_mask.float()
-                    kept = (row_mask * denom).sum(-1, keepdim=True)
-                    out = torch.where(kept > 0, torch.einsum("rc,rcd->rd", row_mask, numer) / kept.clamp(min=1e-30), 0.0)
-                    sq_err[i, b, h] = (out - dense).double().pow(2).sum()
+                text_query = _text_blocks(q_bounds[b, h], layout)
+                for rows in torch.arange(positions.numel(), device=k.device).split(_ROW_CHUNK):
+                    scores = (sample.q_rows[b, rows, h].float() * scale) @ k_head.T + key_bias[b, keys]
+                    scores, values = _key_blocks(scores, v_head, k_bounds[b, h], bk, name in starts)
+                    weights = (scores - scores.flatten(1).amax(-1)[:, None, None]).exp()    # [R, nK, bk]
+                    del scores
+                    numer = torch.einsum("rcj,cjd->rcd", weights, values)                # [R, nK, D]
+                    denom = weights.sum(-1)                                              # [R, nK]
+                    del weights, values
+                    dense = numer.sum(1) / denom.sum(1, keepdim=True)
+                    if reference_pending:
+                        sq_ref[b, h] += dense.double().pow(2).sum()
+                    q_block = torch.searchsorted(q_bounds[b, h, 1:], positions[rows], right=True)
+                    text_row = text_query[q_block][:, None]
+                    for i in members:
+                        mask = candidates[i].mask
+                        row_mask = mask[min(b, mask.shape[0] - 1), h, q_block] | text_key | text_row   # [R, nK]
+                        row_mask = row_mask.float()
+                        kept = (row_mask * denom).sum(-1, keepdim=True)
+                        out = torch.where(kept > 0, torch.einsum("rc,rcd->rd", row_mask, numer) / kept.clamp(min=1e-30), 0.0)
+                        sq_err[i, b, h] += (out - dense).double().pow(2).sum()
         reference_pending = False
     if plan_batch == 1:
         sq_err, sq_ref = sq_err.sum(1, keepdim=True), sq_ref.sum(0, keepdim=True)
