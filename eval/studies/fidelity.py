@@ -43,6 +43,7 @@ from dit_sparse.config import DEFAULT_DENSITY, PRESETS
 from dit_sparse.planner import FAMILIES
 
 from ..harness.settings import GenerationSettings
+from ..reference.components import ReferenceSizes
 
 PARTS = ("pareto", "aging", "warmup", "length")
 METHODS = ("auto", *FAMILIES, "svg1", "svg2", "radial_paper", "svg2_own")
@@ -152,17 +153,9 @@ def length_methods(base: SparseAttentionConfig, density: float, smallest_tokens:
     return methods
 
 
-def video_tokens(size: tuple[int, int, int], temporal: int = 4, spatial: int = 4, patch=(1, 1, 1)) -> int:
-    """Video tokens of one self-attention call for a ``(frames, height, width)`` video (the reference
-    model's VAE compresses 4x in time and space, patch 1x1x1).
-
-    Example::
-
-        >>> video_tokens((29, 128, 128))
-        8192
-    """
-    frames, height, width = size
-    return ((frames - 1) // temporal + 1) // patch[0] * (height // spatial // patch[1]) * (width // spatial // patch[2])
+def video_tokens(size: tuple[int, int, int]) -> int:
+    """Video tokens of one self-attention call of the reference model for a ``(frames, height, width)`` video."""
+    return ReferenceSizes().video_tokens(*size)
 
 
 def plan_study(parts: list[str], size: tuple[int, int, int], steps: int, densities: tuple[float, ...],
