@@ -131,6 +131,7 @@ def estimate_errors(
         if not members:
             continue
         q_order, kv_order = (_per_head(o, batch, heads) for o in (q_order, kv_order))
+        masks = [candidates[i].mask for i in members]
         q_bounds, k_bounds = (_bounds(b, layout, size, batch, heads, k.device) for b, size in zip(starts.get(name, (None, None)), block_size))
         for b in range(batch):
             for h in range(heads):
@@ -152,13 +153,12 @@ def estimate_errors(
                         sq_ref[b, h] += dense.double().pow(2).sum()
                     q_block = torch.searchsorted(q_bounds[b, h, 1:], positions[rows], right=True)
                     text_row = text_query[q_block][:, None]
-                    for i in members:
-                        mask = candidates[i].mask
-                        row_mask = mask[min(b, mask.shape[0] - 1), h, q_block] | text_key | text_row   # [R, nK]
-                        row_mask = row_mask.float()
-                        kept = (row_mask * denom).sum(-1, keepdim=True)
-                        out = torch.where(kept > 0, torch.einsum("rc,rcd->rd", row_mask, numer) / kept.clamp(min=1e-30), 0.0)
-                        sq_err[i, b, h] += (out - dense).double().pow(2).sum()
+                    row_masks = torch.stack([m[min(b, m.shape[0] - 1), h, q_block] for m in masks])   # [M, R, nK]
+                    row_masks = (row_masks | text_key | text_row).float()
+                    kept = (row_masks * denom).sum(-1, keepdim=True)
+                    out = torch.einsum("mrc,rcd->mrd", row_masks, numer) / kept.clamp(min=1e-30)
+                    out = torch.where(kept > 0, out, 0.0)
+                    sq_err[members, b, h] += (out - dense).double().pow(2).sum((1, 2))
         reference_pending = False
     if plan_batch == 1:
         sq_err, sq_ref = sq_err.sum(1, keepdim=True), sq_ref.sum(0, keepdim=True)

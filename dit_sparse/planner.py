@@ -250,7 +250,7 @@ def plan_from_calibration(
             raise ValueError("this calibration sampled no rows for the error estimate; calibrate with pattern='auto' and v=...")
         return _plan_by_error(calibration, config, budget, start)
     best = BestPerHead(budget, layout, blocks)
-    candidates = [c for family in families for c in _candidates(family, calibration, budget)]
+    candidates = [c for family in families for c in _candidates(family, calibration, [budget])[0]]
     for candidate in candidates:
         best.offer_scores(*_recall_and_density(calibration, candidate))
     chosen = [[candidates[i] for i in row] for row in best.index.tolist()]
@@ -310,7 +310,8 @@ def _plan_by_error(
     layout, blocks = calibration.layout, calibration.block_size
     target = target_density(budget, layout, blocks[1])
     level_budgets = [budget] + [Budget(density=target * f) for f in FALLBACK_LEVELS if target * f < 1]
-    levels = [[c for family in FAMILIES for c in _candidates(family, calibration, level)] for level in level_budgets]
+    per_family = [_candidates(family, calibration, level_budgets) for family in FAMILIES]
+    levels = [[c for family in per_family for c in family[i]] for i in range(len(level_budgets))]
     per_level = len(levels[0])
     candidates = [c for level in levels for c in level]
     errors = estimate_errors(
@@ -424,27 +425,30 @@ def _fallback(errors: torch.Tensor, density: torch.Tensor, max_error: float, all
     return torch.tensor(choice, device=errors.device).view(errors.shape[1:])
 
 
-def _candidates(family: str, calibration: Calibration, budget: Budget) -> list[Candidate]:
-    """One family's masks at ``budget``: one per token order it uses, each fitted per head on the
-    block mass over that order."""
+def _candidates(family: str, calibration: Calibration, budgets: list[Budget]) -> list[list[Candidate]]:
+    """One family's masks at each of ``budgets``: per budget, one per token order the family uses,
+    each fitted per head on the block mass over that order."""
     layout, blocks, tile, masses = calibration.layout, calibration.block_size, calibration.tile, calibration.masses
-    out = []
+    out: list[list[Candidate]] = [[] for _ in budgets]
     for order in FAMILY_ORDERS[family]:
         mass = masses[order]
         if family == "radial":
-            mask = (fit_radial(mass, layout, tile, blocks, budget) if order == "tile" else fit_radial_band(mass, layout, blocks, budget)).mask
+            fits = fit_radial(mass, layout, tile, blocks, budgets) if order == "tile" else fit_radial_band(mass, layout, blocks, budgets)
+            masks = [fit.mask for fit in fits]
         elif family == "spatiotemporal":
-            mask = (fit_spatiotemporal(mass, layout, tile, blocks, budget) if order == "tile" else fit_band(mass, layout, blocks, budget)).mask
+            fits = fit_spatiotemporal(mass, layout, tile, blocks, budgets) if order == "tile" else fit_band(mass, layout, blocks, budgets)
+            masks = [fit.mask for fit in fits]
         elif family == "semantic" and order == "clusters":
             # a count budget in keys: the video density the fixed blocks' budget allows, so that both
             # variants spend alike
-            keys = budget if budget.is_mass else Budget(density=target_density(budget, layout, blocks[1]))
-            mask = semantic_block_mask(calibration.clustering, layout, blocks, keys, starts=calibration.starts[order])
+            keys = [b if b.is_mass else Budget(density=target_density(b, layout, blocks[1])) for b in budgets]
+            masks = [semantic_block_mask(calibration.clustering, layout, blocks, k, starts=calibration.starts[order]) for k in keys]
         elif family == "semantic":
-            mask = semantic_block_mask(calibration.clustering, layout, blocks, budget)
+            masks = [semantic_block_mask(calibration.clustering, layout, blocks, b) for b in budgets]
         else:
-            mask = adaptive_block_mask(mass, layout, blocks, budget)
-        out.append(Candidate(mask.expand_as(mass), order, family))
+            masks = [adaptive_block_mask(mass, layout, blocks, b) for b in budgets]
+        for per_budget, mask in zip(out, masks, strict=True):
+            per_budget.append(Candidate(mask.expand_as(mass), order, family))
     return out
 
 

@@ -157,13 +157,15 @@ def block_mass_torch_orders(
             weights /= weights.sum(-1, keepdim=True)
             groups, count = weights.shape[:2]
             if cells is not None:
-                per_cell = weights.view(groups, count, -1, cells[0]).sum(-1)
+                length, cell_bounds, _ = cells
+                per_cell = (weights.view(groups, count, -1, length).sum(-1) if length is not None
+                            else _variable_block_sums(weights, None, cell_bounds.expand(groups, -1)))
             for i, (_, kv_order) in enumerate(orders):
                 if k_bounds[i] is not None:
                     order = kv_order.expand(batch, heads, seq).reshape(batch * heads, seq)[group]
                     per_block = _variable_block_sums(weights, order, k_bounds[i][group])
                 elif cells is not None and i in shared:
-                    per_block = per_cell.new_zeros(groups, count, n_k).index_add_(2, cells[1][shared.index(i)], per_cell)
+                    per_block = per_cell.new_zeros(groups, count, n_k).index_add_(2, cells[2][shared.index(i)], per_cell)
                 elif kv_order.dim() == 1:
                     per_block = _block_sums(weights.index_select(-1, kv_order), n_k, bk)
                 else:
@@ -206,16 +208,19 @@ def _per_head(order: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     return order.view(1, -1) if order.dim() == 1 else order.expand(batch, heads, -1).reshape(batch * heads, -1)
 
 
-def _variable_block_sums(weights: torch.Tensor, order: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+def _variable_block_sums(weights: torch.Tensor, order: torch.Tensor | None, bounds: torch.Tensor) -> torch.Tensor:
     """``[G, R, S]`` weights (original key order) summed over the variable key blocks of ``order``
-    (``[G, S]``) that ``bounds`` (``[G, n + 1]``) delimit: differences of the running sum in key
-    order, in fp64, a few rows at a time (memory stays about that of ``weights``)."""
+    (``[G, S]``; ``None``: the original order) that ``bounds`` (``[G, n + 1]``) delimit: differences
+    of the running sum in key order, in fp64, a few rows at a time (memory stays about that of
+    ``weights``)."""
     groups, count, seq = weights.shape
     out = weights.new_empty(groups, count, bounds.shape[-1] - 1)
     step = max(1, count // 4)
     for first in range(0, count, step):
         rows = weights[:, first : first + step]
-        running = rows.gather(-1, order[:, None, :].expand_as(rows)).double().cumsum_(-1)
+        if order is not None:
+            rows = rows.gather(-1, order[:, None, :].expand_as(rows))
+        running = rows.double().cumsum_(-1)
         running = torch.nn.functional.pad(running, (1, 0))
         at = running.gather(-1, bounds[:, None, :].expand(groups, rows.shape[1], -1))
         out[:, first : first + step] = at[..., 1:] - at[..., :-1]
@@ -227,20 +232,22 @@ def _block_sums(x: torch.Tensor, n_blocks: int, block: int) -> torch.Tensor:
     return _pad_last(x, n_blocks * block).view(*x.shape[:-1], n_blocks, block).sum(-1)
 
 
-def _shared_cells(kv_orders: list[torch.Tensor], block: int) -> tuple[int, list[torch.Tensor]] | None:
-    """The cells of keys that share a block in every one of ``kv_orders`` (each ``[S]``), when they
-    are runs of one length in the original order: ``(length, [key block of each cell per order])``;
-    ``None`` when they are not."""
+def _shared_cells(kv_orders: list[torch.Tensor], block: int) -> tuple[int | None, torch.Tensor, list[torch.Tensor]] | None:
+    """The cells of keys that share a block in every one of ``kv_orders`` (each ``[S]``): runs of
+    keys in the original order, ``(length, bounds, [key block of each cell per order])``, ``length``
+    their one length (``None`` when they differ; ``bounds`` ``[nC + 1]`` delimit them); ``None`` when
+    they are too short to save work (fewer than two keys on average)."""
     seq = kv_orders[0].shape[0]
     block_of = torch.stack([torch.argsort(order) // block for order in kv_orders])          # [O, S]
     starts = torch.ones(seq, dtype=torch.bool, device=block_of.device)
     starts[1:] = (block_of[:, 1:] != block_of[:, :-1]).any(0)
     positions = torch.nonzero(starts).squeeze(1)
     lengths = torch.diff(positions, append=torch.tensor([seq], device=positions.device))
-    length = int(lengths[0])
-    if not bool((lengths == length).all()) or length == 1:
+    if positions.numel() * 2 > seq:
         return None
-    return length, list(block_of[:, positions])
+    length = int(lengths[0]) if bool((lengths == lengths[0]).all()) else None
+    bounds = torch.cat([positions, torch.tensor([seq], device=positions.device)])
+    return length, bounds, list(block_of[:, positions])
 
 
 def _pad_last(x: torch.Tensor, length: int) -> torch.Tensor:

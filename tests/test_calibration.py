@@ -120,21 +120,23 @@ def sampled_block_mass(q, k, bq, bk, q_order, kv_order, rows, q_starts=None, kv_
     return out / counts.clamp(min=1)[:, None]
 
 
-def test_block_mass_on_sampled_queries_and_shared_cells_matches_dense_softmax():
-    """Three shared orders whose common cells are runs of one length (the reshape path), a per-head
-    order (the gather path), the per-head order cut into variable blocks (empty ones included), on
-    a sample of queries."""
+@pytest.mark.parametrize("grid, tile, cell_length", [((4, 8, 16), (1, 4, 8), 8), ((3, 10, 13), (1, 4, 4), None)])
+def test_block_mass_on_sampled_queries_and_shared_cells_matches_dense_softmax(grid, tile, cell_length):
+    """Three shared orders whose common cells are runs of one length (the reshape path) or, with
+    partial tiles, of several (the running-sum path), a per-head order (the gather path), the
+    per-head order cut into variable blocks (empty ones included), on a sample of queries."""
     from dit_sparse.calibration import sample_query_rows
-    from dit_sparse.kernels.block_mass_torch import block_mass_torch_orders, original_blocks
+    from dit_sparse.kernels.block_mass_torch import _shared_cells, block_mass_torch_orders, original_blocks
     from random_plans import random_starts
 
-    layout = TokenLayout((4, 8, 16))
+    layout = TokenLayout(grid)
+    shared = [layout.tile_order(tile), layout.identity_order(), layout.position_order()]
+    assert _shared_cells(shared, 32)[0] == cell_length
     q, k = torch.randn(1, 2, layout.seq_len, 16), torch.randn(1, 2, layout.seq_len, 16)
     per_head = torch.stack([torch.randperm(layout.seq_len) for _ in range(2)])[None]
     g = torch.Generator().manual_seed(1)
     starts = (random_starts(layout, 32, 2, 1, g), random_starts(layout, 32, 2, 1, g))
-    orders = [(layout.tile_order((1, 4, 8)),) * 2, (layout.identity_order(),) * 2, (layout.position_order(),) * 2,
-              (per_head, per_head), (per_head, per_head, *starts)]
+    orders = [(order, order) for order in shared] + [(per_head, per_head), (per_head, per_head, *starts)]
     q_blocks = [original_blocks(o[0], o[2] if len(o) == 4 else None, 32, 1, 2) for o in orders]
     rows = sample_query_rows(layout.seq_len, 32, q_blocks, rows_per_block=4, seed=3)
     assert rows.numel() < layout.seq_len

@@ -16,7 +16,7 @@ from dit_sparse.families import (
     spatiotemporal_thresholds,
 )
 from dit_sparse.families.spatiotemporal import sink_key_blocks
-from dit_sparse.families.window import solve_window
+from dit_sparse.families.window import _Ranking, solve_window
 from dit_sparse.scoring import recall, video_density
 from token_rules import band_rule, radial_band_rule, radial_rule, spatiotemporal_rule
 
@@ -136,6 +136,41 @@ def test_solve_window_count_budget_spends_it_on_the_smallest_thresholds():
                     tied_dropped = ~video[0, h] & (t == last)
                     if tied_kept.any() and tied_dropped.any():
                         assert mass[0, h, :n_q, :n_k][tied_kept].min() >= mass[0, h, :n_q, :n_k][tied_dropped].max()
+
+
+def _smallest_thresholds_by_rule(thresholds, keep, mass):
+    """The count rule of ``solve_window``, entry by entry in Python: per head, rank every block pair by
+    (tier, threshold, tie, position), tier 0 for ``-inf``, 1 for its row's first pair in that order,
+    2 for the rest; keep tier 0 and the first ``keep`` pairs whose threshold is finite."""
+    n_q, n_k = thresholds.shape
+    heads = mass.shape[:2] if mass is not None else (1, 1)
+    out = torch.zeros(*heads, n_q, n_k, dtype=torch.bool)
+    for b, h in np.ndindex(*heads):
+        def key(i, j):
+            tie = -float(mass[b, h, i, j]) if mass is not None else abs(i * (n_k / n_q) - j)
+            return float(thresholds[i, j]), tie, i * n_k + j
+        row_best = {(i, min(range(n_k), key=lambda j: key(i, j))) for i in range(n_q)}
+        tier = {(i, j): 0 if thresholds[i, j] == -math.inf else 1 if (i, j) in row_best else 2
+                for i in range(n_q) for j in range(n_k)}
+        ranked = sorted(tier, key=lambda p: (tier[p], *key(*p)))
+        for rank, (i, j) in enumerate(ranked):
+            out[b, h, i, j] = tier[(i, j)] == 0 or (rank < keep and thresholds[i, j] < math.inf)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_count_budget_ranking_matches_the_rule_entry_by_entry(seed):
+    generator = torch.Generator().manual_seed(seed)
+    n_q, n_k = [(4, 8), (5, 5), (3, 6)][seed % 3]
+    thresholds = torch.randint(0, 4, (n_q, n_k), generator=generator).double()   # many ties
+    thresholds[torch.rand(n_q, n_k, generator=generator) < 0.15] = -math.inf
+    thresholds[torch.rand(n_q, n_k, generator=generator) < 0.15] = math.inf
+    if seed == 5:
+        thresholds[1] = math.inf                                                  # a row that keeps nothing
+    mass = None if seed % 2 else torch.randint(0, 3, (1, 2, n_q, n_k), generator=generator).float() / 3
+    for keep in (0, n_q, n_q * n_k // 3, n_q * n_k):
+        assert torch.equal(_Ranking.of(thresholds, mass).smallest(keep).expand(*(mass.shape[:2] if mass is not None else (1, 1)), n_q, n_k),
+                           _smallest_thresholds_by_rule(thresholds, keep, mass)), keep
 
 
 def test_solve_window_top_p_is_the_smallest_window_reaching_p():

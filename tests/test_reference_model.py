@@ -91,6 +91,7 @@ def test_the_shipped_folder_loads_with_the_stock_wan_pipeline(reference_pipe):
     assert tokens >= 8192
     summary = json.loads((reference_model_dir() / "training.json").read_text())
     assert summary["command"].startswith("python -m dit_sparse.eval.reference.train")
+    assert summary["settings"] == TrainSettings().__dict__, "the shipped weights are not the default command's output"
 
 
 def test_the_call_settings_encode_prompts_as_training_did(reference_pipe):

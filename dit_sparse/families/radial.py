@@ -19,6 +19,7 @@ doubles, never narrower than one key block but then thinned to every ``2**j``-th
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -26,6 +27,7 @@ from ..budget import Budget
 from ..layout import TileShape, TokenLayout
 from ..scoring import BestPerHead
 from .cells import CellGrid, pool_runs
+from .spatiotemporal import fit_windows
 from .window import solve_window
 
 
@@ -81,15 +83,14 @@ def radial_block_mask(
 
 
 def fit_radial(
-    mass: torch.Tensor, layout: TokenLayout, tile: TileShape, block_size: tuple[int, int], budget: Budget
-) -> BestPerHead:
+    mass: torch.Tensor, layout: TokenLayout, tile: TileShape, block_size: tuple[int, int], budget: Budget | Sequence[Budget]
+) -> BestPerHead | list[BestPerHead]:
     """Per head, the radial mask with or without the first-frame sink, whichever serves ``budget``
-    better on the measured ``mass`` (``[B, H, nQ, nK]``); an image has no sink frame."""
-    best = BestPerHead(budget, layout, block_size)
-    for sink in (True, False) if layout.grid[0] > 1 else (False,):
-        thresholds = radial_thresholds(layout, tile, block_size, sink).to(mass.device)
-        best.offer(solve_window(thresholds, budget, layout, block_size, mass), mass)
-    return best
+    better on the measured ``mass`` (``[B, H, nQ, nK]``); an image has no sink frame. A list of
+    budgets gives one choice per budget."""
+    sinks = (True, False) if layout.grid[0] > 1 else (False,)
+    rules = [radial_thresholds(layout, tile, block_size, sink).to(mass.device) for sink in sinks]
+    return fit_windows(rules, mass, layout, block_size, budget, stripes=False)
 
 
 def radial_band_thresholds(layout: TokenLayout, block_size: tuple[int, int], sink: bool = True) -> torch.Tensor:
@@ -129,13 +130,13 @@ def radial_band_thresholds(layout: TokenLayout, block_size: tuple[int, int], sin
     return pool_runs(thresholds, of_token, layout, block_size)
 
 
-def fit_radial_band(mass: torch.Tensor, layout: TokenLayout, block_size: tuple[int, int], budget: Budget) -> BestPerHead:
+def fit_radial_band(
+    mass: torch.Tensor, layout: TokenLayout, block_size: tuple[int, int], budget: Budget | Sequence[Budget]
+) -> BestPerHead | list[BestPerHead]:
     """As :func:`fit_radial` for the raster band (``mass`` measured over the raster order)."""
-    best = BestPerHead(budget, layout, block_size)
-    for sink in (True, False) if layout.grid[0] > 1 else (False,):
-        thresholds = radial_band_thresholds(layout, block_size, sink).to(mass.device)
-        best.offer(solve_window(thresholds, budget, layout, block_size, mass), mass)
-    return best
+    sinks = (True, False) if layout.grid[0] > 1 else (False,)
+    rules = [radial_band_thresholds(layout, block_size, sink).to(mass.device) for sink in sinks]
+    return fit_windows(rules, mass, layout, block_size, budget, stripes=False)
 
 
 def _bit_length(x: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ order its spatial head (the same and nearby frames), in the position-major order
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -79,19 +80,42 @@ def spatiotemporal_block_mask(
 
 
 def fit_spatiotemporal(
-    mass: torch.Tensor, layout: TokenLayout, tile: TileShape, block_size: tuple[int, int], budget: Budget
-) -> BestPerHead:
+    mass: torch.Tensor,
+    layout: TokenLayout,
+    tile: TileShape,
+    block_size: tuple[int, int],
+    budget: Budget | Sequence[Budget],
+) -> BestPerHead | list[BestPerHead]:
     """Per head, the frame cost (of :data:`FRAME_COSTS`) and vertical stripe (none, or the
     heaviest key blocks: a quarter of a count budget's blocks, 1/32 of the keys with ``top_p``)
     that serve ``budget`` best on the measured ``mass`` (``[B, H, nQ, nK]``), as SVG1 profiles
-    its heads."""
-    sinks = sink_key_blocks(mass, layout, block_size, _stripe_count(layout, block_size, budget))
-    best = BestPerHead(budget, layout, block_size)
-    for frame_cost in FRAME_COSTS if layout.grid[0] > 1 else (math.inf,):
-        thresholds = spatiotemporal_thresholds(layout, tile, block_size, frame_cost).to(mass.device)
-        for sink_blocks in (None, sinks):
-            best.offer(solve_window(_with_sinks(thresholds, sink_blocks), budget, layout, block_size, mass), mass)
-    return best
+    its heads. A list of budgets gives one choice per budget."""
+    costs = FRAME_COSTS if layout.grid[0] > 1 else (math.inf,)
+    thresholds = [spatiotemporal_thresholds(layout, tile, block_size, cost).to(mass.device) for cost in costs]
+    return fit_windows(thresholds, mass, layout, block_size, budget)
+
+
+def fit_windows(
+    thresholds: list[torch.Tensor],
+    mass: torch.Tensor,
+    layout: TokenLayout,
+    block_size: tuple[int, int],
+    budget: Budget | Sequence[Budget],
+    stripes: bool = True,
+) -> BestPerHead | list[BestPerHead]:
+    """Per head and budget, the best of the windows of each of ``thresholds`` (``[nQ, nK]`` each,
+    ranked once for every budget), each also with a vertical stripe of the heaviest key blocks
+    (:func:`sink_key_blocks`) when ``stripes``."""
+    budgets = [budget] if isinstance(budget, Budget) else list(budget)
+    bests = [BestPerHead(one, layout, block_size) for one in budgets]
+    for rule in thresholds:
+        plain = solve_window(rule, budgets, layout, block_size, mass)
+        for best, one, mask in zip(bests, budgets, plain, strict=True):
+            best.offer(mask, mass)
+            if stripes:
+                sinks = sink_key_blocks(mass, layout, block_size, _stripe_count(layout, block_size, one))
+                best.offer(solve_window(_with_sinks(rule, sinks), one, layout, block_size, mass), mass)
+    return bests[0] if isinstance(budget, Budget) else bests
 
 
 def band_thresholds(layout: TokenLayout, block_size: tuple[int, int]) -> torch.Tensor:
@@ -114,14 +138,12 @@ def band_thresholds(layout: TokenLayout, block_size: tuple[int, int]) -> torch.T
     return out
 
 
-def fit_band(mass: torch.Tensor, layout: TokenLayout, block_size: tuple[int, int], budget: Budget) -> BestPerHead:
+def fit_band(
+    mass: torch.Tensor, layout: TokenLayout, block_size: tuple[int, int], budget: Budget | Sequence[Budget]
+) -> BestPerHead | list[BestPerHead]:
     """Per head, the 1-D band over ``mass``'s order (``[B, H, nQ, nK]``, measured over the raster or
     the position-major order) with or without a vertical stripe, as :func:`fit_spatiotemporal`."""
-    best = BestPerHead(budget, layout, block_size)
-    thresholds = band_thresholds(layout, block_size).to(mass.device)
-    for sink_blocks in (None, sink_key_blocks(mass, layout, block_size, _stripe_count(layout, block_size, budget))):
-        best.offer(solve_window(_with_sinks(thresholds, sink_blocks), budget, layout, block_size, mass), mass)
-    return best
+    return fit_windows([band_thresholds(layout, block_size).to(mass.device)], mass, layout, block_size, budget)
 
 
 def _stripe_count(layout: TokenLayout, block_size: tuple[int, int], budget: Budget) -> int:

@@ -9,6 +9,9 @@ picks one window per head.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 
 from ..budget import Budget
@@ -18,11 +21,11 @@ from ..scoring import query_counts
 
 def solve_window(
     thresholds: torch.Tensor,
-    budget: Budget,
+    budget: Budget | Sequence[Budget],
     layout: TokenLayout,
     block_size: tuple[int, int],
     mass: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | list[torch.Tensor]:
     """The block mask ``thresholds <= window`` for the window that serves ``budget``.
 
     Args:
@@ -31,7 +34,7 @@ def solve_window(
             with the smallest thresholds, ties broken by the measured mass (heaviest first) or else
             by position (never a pair of threshold ``inf``; every pair of ``-inf``, even beyond the
             count); ``top_p`` takes, per head, the smallest window whose measured recall reaches
-            ``top_p``.
+            ``top_p``. A list of budgets gives a list of masks, the block pairs ranked once.
         mass: ``[B, H, nQ, nK]`` measured block mass (needed for ``top_p``).
 
     Example::
@@ -43,50 +46,80 @@ def solve_window(
                 [1, 1, 1, 1],
                 [0, 1, 1, 1],
                 [0, 0, 1, 1]], dtype=torch.int32)
+        >>> [m.sum().item() for m in solve_window(band, [Budget(density=0.25), Budget(density=0.5)], layout, (16, 16))]
+        [4, 8]
     """
+    budgets = [budget] if isinstance(budget, Budget) else list(budget)
     n_q, n_k = layout.num_video_blocks(block_size[0]), layout.num_video_blocks(block_size[1])
     video = thresholds[..., :n_q, :n_k]
-    if video.numel() == 0:  # every query or every key block holds text: all are kept
-        return torch.ones_like(thresholds, dtype=torch.bool)
-    if budget.is_mass:
-        if mass is None:
-            raise ValueError("a top_p budget on a static family needs the measured block mass (mass=...)")
-        window = _window_reaching_recall(video.expand(*mass.shape[:-2], n_q, n_k), mass, budget.top_p, layout, block_size[0])
-        return thresholds <= window[..., None, None]
-    keep = budget.blocks_per_row(layout.seq_len, max(n_k, 1), block_size[1]) * n_q
-    tie_break = None if mass is None else mass[..., :n_q, :n_k]
-    chosen = _smallest_thresholds(video, keep, tie_break)
-    mask = (thresholds == float("-inf")).expand(*chosen.shape[:-2], *thresholds.shape[-2:]).clone()
-    mask[..., :n_q, :n_k] = chosen
-    return mask
+    ranking = None
+    masks = []
+    for one in budgets:
+        if video.numel() == 0:  # every query or every key block holds text: all are kept
+            masks.append(torch.ones_like(thresholds, dtype=torch.bool))
+            continue
+        if one.is_mass:
+            if mass is None:
+                raise ValueError("a top_p budget on a static family needs the measured block mass (mass=...)")
+            window = _window_reaching_recall(video.expand(*mass.shape[:-2], n_q, n_k), mass, one.top_p, layout, block_size[0])
+            masks.append(thresholds <= window[..., None, None])
+            continue
+        ranking = ranking or _Ranking.of(video, None if mass is None else mass[..., :n_q, :n_k])
+        chosen = ranking.smallest(one.blocks_per_row(layout.seq_len, max(n_k, 1), block_size[1]) * n_q)
+        mask = (thresholds == float("-inf")).expand(*chosen.shape[:-2], *thresholds.shape[-2:]).clone()
+        mask[..., :n_q, :n_k] = chosen
+        masks.append(mask)
+    return masks[0] if isinstance(budget, Budget) else masks
 
 
-def _smallest_thresholds(thresholds: torch.Tensor, keep: int, mass: torch.Tensor | None) -> torch.Tensor:
-    """Boolean ``[..., nQ, nK]``: every ``-inf`` entry, each row's best entry, then the best others
-    up to ``keep`` entries in all (never an ``inf``). Best: the smallest threshold, ties broken by
-    the largest ``mass``, else by the distance from the block diagonal."""
-    n_q, n_k = thresholds.shape[-2:]
-    if mass is not None:
-        thresholds, tie = thresholds.expand_as(mass), -mass
-    else:
-        diagonal = torch.arange(n_q, device=thresholds.device)[:, None] * (n_k / n_q)
-        tie = (diagonal - torch.arange(n_k, device=thresholds.device)[None, :]).abs().expand_as(thresholds)
-    row_best = torch.zeros_like(thresholds, dtype=torch.bool).scatter_(-1, _lexsort(thresholds, tie)[..., :1], True)
-    tier = torch.where(thresholds == float("-inf"), 0, torch.where(row_best, 1, 2))
-    flat = [x.flatten(-2) for x in (tier, thresholds, tie)]
-    order = _lexsort(*flat)
-    ranked_tier, ranked = flat[0].gather(-1, order), flat[1].gather(-1, order)
-    rank = torch.arange(ranked.shape[-1], device=ranked.device)
-    take = ((rank < keep) & (ranked < float("inf"))) | (ranked_tier == 0)
-    return torch.zeros_like(take).scatter_(-1, order, take).unflatten(-1, (n_q, n_k))
+@dataclass(frozen=True)
+class _Ranking:
+    """Block pairs in the order a count budget takes them: every ``-inf`` entry, each row's best
+    entry, then the others; within each tier the smallest threshold first, ties broken by the
+    largest ``mass``, else by the distance from the block diagonal, then by position.
+
+    Attributes:
+        order: ``[..., nQ * nK]`` flat positions in that order.
+        tier, thresholds: ``[..., nQ * nK]`` of each entry of ``order``.
+    """
+
+    order: torch.Tensor
+    tier: torch.Tensor
+    thresholds: torch.Tensor
+    shape: tuple[int, int]
+
+    @classmethod
+    def of(cls, thresholds: torch.Tensor, mass: torch.Tensor | None) -> _Ranking:
+        n_q, n_k = thresholds.shape[-2:]
+        if mass is not None:
+            thresholds, tie = thresholds.expand_as(mass), -mass
+        else:
+            diagonal = torch.arange(n_q, device=thresholds.device)[:, None] * (n_k / n_q)
+            tie = (diagonal - torch.arange(n_k, device=thresholds.device)[None, :]).abs().expand_as(thresholds)
+        tier = torch.where(thresholds == float("-inf"), 0, torch.where(_row_best(thresholds, tie), 1, 2))
+        # (tier, threshold) as one key: finite thresholds lie within +-span, infinite ones map to +-2 span
+        finite = thresholds[thresholds.isfinite()]
+        span = float(finite.abs().max()) + 1 if finite.numel() else 1.0
+        major = tier * (4 * span) + thresholds.clamp(-2 * span, 2 * span)
+        flat_major, flat_tie, flat_thresholds = (x.flatten(-2) for x in (major, tie, thresholds))
+        order = flat_tie.argsort(dim=-1, stable=True)
+        order = order.gather(-1, flat_major.gather(-1, order).argsort(dim=-1, stable=True))
+        return cls(order, tier.flatten(-2).gather(-1, order), flat_thresholds.gather(-1, order), (n_q, n_k))
+
+    def smallest(self, keep: int) -> torch.Tensor:
+        """Boolean ``[..., nQ, nK]``: every ``-inf`` entry, then the first ``keep`` entries in all
+        (never an ``inf``)."""
+        rank = torch.arange(self.order.shape[-1], device=self.order.device)
+        take = ((rank < keep) & (self.thresholds < float("inf"))) | (self.tier == 0)
+        return torch.zeros_like(take).scatter_(-1, self.order, take).unflatten(-1, self.shape)
 
 
-def _lexsort(*keys: torch.Tensor) -> torch.Tensor:
-    """Indices sorting the last dimension by ``keys[0]``, ties by ``keys[1]``, and so on."""
-    order = keys[-1].argsort(dim=-1, stable=True)
-    for key in reversed(keys[:-1]):
-        order = order.gather(-1, key.gather(-1, order).argsort(dim=-1, stable=True))
-    return order
+def _row_best(thresholds: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
+    """Boolean, one entry per row: the smallest threshold, ties by the smallest ``tie``, then the first."""
+    at_best = thresholds == thresholds.amin(-1, keepdim=True)
+    best_tie = torch.where(at_best, tie, float("inf")).amin(-1, keepdim=True)
+    first = (at_best & (tie == best_tie)).int().argmax(-1, keepdim=True)
+    return torch.zeros_like(at_best).scatter_(-1, first, True)
 
 
 def _window_reaching_recall(
