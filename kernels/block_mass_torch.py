@@ -160,17 +160,19 @@ def block_mass_torch_orders(
                 length, cell_bounds, _ = cells
                 per_cell = (weights.view(groups, count, -1, length).sum(-1) if length is not None
                             else _variable_block_sums(weights, None, cell_bounds.expand(groups, -1)))
+            gathered = None   # (key order, weights in it): consecutive orders over the same keys gather once
             for i, (_, kv_order) in enumerate(orders):
-                if k_bounds[i] is not None:
-                    order = kv_order.expand(batch, heads, seq).reshape(batch * heads, seq)[group]
-                    per_block = _variable_block_sums(weights, order, k_bounds[i][group])
-                elif cells is not None and i in shared:
+                if cells is not None and i in shared:
                     per_block = per_cell.new_zeros(groups, count, n_k).index_add_(2, cells[2][shared.index(i)], per_cell)
-                elif kv_order.dim() == 1:
+                elif kv_order.dim() == 1 and k_bounds[i] is None:
                     per_block = _block_sums(weights.index_select(-1, kv_order), n_k, bk)
                 else:
-                    order = kv_order.expand(batch, heads, seq).reshape(batch * heads, seq)[group]
-                    per_block = _block_sums(weights.gather(-1, order[:, None, :].expand_as(weights)), n_k, bk)
+                    if gathered is None or gathered[0] is not kv_order:
+                        order = kv_order.expand(batch, heads, seq).reshape(batch * heads, seq)[group]
+                        gathered = kv_order, weights.gather(-1, order[:, None, :].expand_as(weights))
+                    in_order = gathered[1]
+                    per_block = (_block_sums(in_order, n_k, bk) if k_bounds[i] is None
+                                 else _variable_block_sums(in_order, None, k_bounds[i][group]))
                 target = q_blocks[i][..., chunk]
                 if target.shape[0] == 1:
                     masses[i][group].index_add_(1, target[0], per_block)
