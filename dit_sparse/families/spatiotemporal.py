@@ -108,13 +108,14 @@ def fit_windows(
     (:func:`sink_key_blocks`) when ``stripes``."""
     budgets = [budget] if isinstance(budget, Budget) else list(budget)
     bests = [BestPerHead(one, layout, block_size) for one in budgets]
+    sinks = [sink_key_blocks(mass, layout, block_size, _stripe_count(layout, block_size, one)) if stripes else None
+             for one in budgets]
     for rule in thresholds:
         plain = solve_window(rule, budgets, layout, block_size, mass)
-        for best, one, mask in zip(bests, budgets, plain, strict=True):
+        for best, one, mask, stripe in zip(bests, budgets, plain, sinks, strict=True):
             best.offer(mask, mass)
-            if stripes:
-                sinks = sink_key_blocks(mass, layout, block_size, _stripe_count(layout, block_size, one))
-                best.offer(solve_window(_with_sinks(rule, sinks), one, layout, block_size, mass), mass)
+            if stripe is not None:
+                best.offer(solve_window(_with_sinks(rule, stripe), one, layout, block_size, mass), mass)
     return bests[0] if isinstance(budget, Budget) else bests
 
 

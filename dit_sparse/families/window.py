@@ -57,18 +57,18 @@ def solve_window(
     for one in budgets:
         if video.numel() == 0:  # every query or every key block holds text: all are kept
             masks.append(torch.ones_like(thresholds, dtype=torch.bool))
-            continue
-        if one.is_mass:
+        elif one.is_mass:
             if mass is None:
                 raise ValueError("a top_p budget on a static family needs the measured block mass (mass=...)")
             window = _window_reaching_recall(video.expand(*mass.shape[:-2], n_q, n_k), mass, one.top_p, layout, block_size[0])
             masks.append(thresholds <= window[..., None, None])
-            continue
-        ranking = ranking or _Ranking.of(video, None if mass is None else mass[..., :n_q, :n_k])
-        chosen = ranking.smallest(one.blocks_per_row(layout.seq_len, max(n_k, 1), block_size[1]) * n_q)
-        mask = (thresholds == float("-inf")).expand(*chosen.shape[:-2], *thresholds.shape[-2:]).clone()
-        mask[..., :n_q, :n_k] = chosen
-        masks.append(mask)
+        else:
+            if ranking is None:
+                ranking = _Ranking.of(video, None if mass is None else mass[..., :n_q, :n_k])
+            chosen = ranking.smallest(one.blocks_per_row(layout.seq_len, max(n_k, 1), block_size[1]) * n_q)
+            mask = (thresholds == float("-inf")).expand(*chosen.shape[:-2], *thresholds.shape[-2:]).clone()
+            mask[..., :n_q, :n_k] = chosen
+            masks.append(mask)
     return masks[0] if isinstance(budget, Budget) else masks
 
 
@@ -81,6 +81,7 @@ class _Ranking:
     Attributes:
         order: ``[..., nQ * nK]`` flat positions in that order.
         tier, thresholds: ``[..., nQ * nK]`` of each entry of ``order``.
+        shape: ``(nQ, nK)``.
     """
 
     order: torch.Tensor
