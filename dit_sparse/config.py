@@ -40,6 +40,16 @@ class SparseAttentionConfig:
         dense_last_steps: trailing steps run dense.
         dense_layers: self-attention layers (by index) that always run dense.
         recalibrate_at: steps at which plans are measured again (with a dense pass).
+        recalibrate_error: ``None`` (default): no per-step check. A number: at every sparse step, each
+            layer's plan is checked on ``check_rows`` sampled query rows per head (their exact
+            attention against the plan's, about ``check_rows / S`` of a dense call), and the layer
+            is planned again from that step's queries and keys (no dense pass) when the estimated
+            relative output error, averaged over its heads, exceeds this bound. ``0`` re-plans every
+            sparse step (the peers' way); ``math.inf`` only records the error of every step
+            (``last_stats.checks``: how plans age). Loaded plans are checked too. Off by default: on
+            the reference model re-planning without a dense pass cost more than it gained
+            (docs/fidelity.md).
+        check_rows: query rows per head the ``recalibrate_error`` check samples.
         block_size: tokens per block, or ``(query, key)`` block sizes.
         tile_shape: ``(t, h, w)`` spatio-temporal tile that blocks are cut from; ``None`` picks one
             whose volume is the key block size.
@@ -90,6 +100,8 @@ class SparseAttentionConfig:
     dense_last_steps: int = 0
     dense_layers: tuple[int, ...] = (0,)
     recalibrate_at: tuple[int, ...] = ()
+    recalibrate_error: float | None = None
+    check_rows: int = 64
     block_size: int | tuple[int, int] = 64
     tile_shape: tuple[int, int, int] | None = None
     min_recall: float | None = None
@@ -130,6 +142,15 @@ class SparseAttentionConfig:
         _check_count("dense_last_steps", self.dense_last_steps)
         self.dense_layers = _index_tuple("dense_layers", self.dense_layers)
         self.recalibrate_at = _index_tuple("recalibrate_at", self.recalibrate_at)
+        if self.recalibrate_error is not None and (
+            isinstance(self.recalibrate_error, bool) or not isinstance(self.recalibrate_error, (int, float))
+            or not self.recalibrate_error >= 0
+        ):
+            raise ValueError(
+                f"recalibrate_error must be a number >= 0 (a relative output error such as 0.1; None turns the check "
+                f"off), got {self.recalibrate_error!r}"
+            )
+        _check_count("check_rows", self.check_rows, minimum=1)
         bq, bk = (self.block_size,) * 2 if isinstance(self.block_size, int) else tuple(self.block_size)
         for b in (bq, bk):
             if not (isinstance(b, int) and b >= 16 and b & (b - 1) == 0):

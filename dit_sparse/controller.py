@@ -14,12 +14,13 @@ import torch.distributed as dist
 
 from .attention import sparse_attention
 from .config import SparseAttentionConfig
+from .drift import plan_error
 from .layout import TokenLayout
 from .plan import BlockSparsePlan
 from .plan_cache import CachedPlan, PlanCache, PlanKey
 from .planner import PlanReport, build_plan
 from .schedule import Phase, StepClock, StepSchedule
-from .stats import PlanStats, SparseRunStats, StepStats
+from .stats import PlanCheck, PlanStats, SparseRunStats, StepStats
 from .ulysses import UlyssesGroup, balanced_head_order
 
 SHARED_CONTEXT = "shared"
@@ -186,6 +187,12 @@ class SparseAttentionController:
         if due:  # the layer did not run at its calibration step (a step cache skipped it): calibrate now
             heads = self._to_heads(call, query, key, value)
             entry = self._calibrate(plan_key, call, *heads)
+        elif self.config.recalibrate_error is not None:
+            heads = self._to_heads(call, query, key, value, entry.head_order)
+            if self._drifted(plan_key, entry, call, heads):
+                if entry.head_order is not None:
+                    heads = self._to_heads(call, query, key, value)
+                entry = self._calibrate(plan_key, call, *heads)
         if entry.plan.device != query.device:
             self.plans.to(query.device)
         if heads is None or entry.head_order is not None:
@@ -309,6 +316,24 @@ class SparseAttentionController:
             error=None if report.error is None else report.error.tolist(),
         ))
         return entry
+
+    def _drifted(
+        self, plan_key: PlanKey, entry: CachedPlan, call: _Call, heads: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ) -> bool:
+        """Check ``entry``'s plan on this call's sampled rows, record the check, and say whether its
+        error (averaged over every head of the layer, every rank's under Ulysses) passes the bound."""
+        error = plan_error(entry.plan_for(call.layout), *heads, self.config.check_rows, self.config.seed + call.step)
+        if self.ulysses is not None:
+            error = self.ulysses.gather(error, dim=-1)
+            if entry.head_order is not None:
+                error = error.index_select(-1, TokenLayout.inverse(entry.head_order).to(error.device))
+        mean = float(error.double().mean())
+        drifted = mean > self.config.recalibrate_error
+        self._stats.checks.append(PlanCheck(
+            transformer=plan_key.transformer, layer=plan_key.layer, context=plan_key.context, step=call.step,
+            plan_step=entry.step, error=error.tolist(), mean_error=mean, recalibrated=drifted,
+        ))
+        return drifted
 
     def _gather_heads(self, plan: BlockSparsePlan) -> BlockSparsePlan:
         """Every rank's heads of ``plan``, in rank order (a collective: every rank calls it)."""

@@ -84,12 +84,38 @@ class PlanStats:
 
 
 @dataclass
+class PlanCheck:
+    """One per-step check of a cached plan (``SparseAttentionConfig(recalibrate_error=...)``).
+
+    Attributes:
+        transformer, layer, context, step: where and when the plan was checked.
+        plan_step: the step that calibrated the plan checked (``None`` for a loaded plan).
+        error: ``[B][H]`` its estimated relative output error on this step's sampled query rows.
+        mean_error: ``error`` averaged over the layer's heads (what the bound is compared with).
+        recalibrated: whether the layer was planned again at this step.
+    """
+
+    transformer: str
+    layer: int
+    context: str
+    step: int
+    plan_step: int | None
+    error: list[list[float]]
+    mean_error: float
+    recalibrated: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
 class SparseRunStats:
     """Statistics of one pipeline call (one generation).
 
     Attributes:
         steps: :class:`StepStats` in call order.
         plans: :class:`PlanStats` of every calibration, in order.
+        checks: :class:`PlanCheck` of every per-step plan check, in order.
         wall_seconds: wall time of the whole pipeline call (set by ``SparsePipeline``; ``None`` when
             the hooks were applied directly).
 
@@ -104,6 +130,7 @@ class SparseRunStats:
 
     steps: list[StepStats] = field(default_factory=list)
     plans: list[PlanStats] = field(default_factory=list)
+    checks: list[PlanCheck] = field(default_factory=list)
     wall_seconds: float | None = None
     _index: dict[tuple[int, str, str], StepStats] = field(default_factory=dict, repr=False)
 
@@ -159,4 +186,5 @@ class SparseRunStats:
             "rank_attention_flops": self.rank_attention_flops,
             "steps": [s.to_dict() for s in self.steps],
             "plans": [p.to_dict() for p in self.plans],
+            "checks": [c.to_dict() for c in self.checks],
         }

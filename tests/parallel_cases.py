@@ -86,6 +86,10 @@ def run_cases(folder: Path, mesh: Any) -> dict[str, Any]:
     results["auto balanced"] = run(sp, inputs)
     results["auto balanced stats"] = sp.last_stats.to_dict()
     sp.save_plans(plan_file(folder, "auto balanced", ranks))
+    for name, bound in (("checked", float("inf")), ("replanned balanced", 0.0)):
+        sp = SparsePipeline(pipe, replace(config("auto"), recalibrate_error=bound, balance_heads=bound == 0.0))
+        results[f"auto {name}"] = run(sp, inputs)
+        results[f"auto {name} stats"] = sp.last_stats.to_dict()
     with sp.dense():
         results["dense context"] = run(sp, inputs)
     remove_sparse_attention(pipe)

@@ -92,6 +92,22 @@ def test_balanced_heads_give_the_same_output_and_plans_and_even_the_ranks(runs):
         assert torch.equal(caches[1][key].plan.to_block_mask(), entry.plan.to_block_mask())
 
 
+@pytest.mark.parametrize("name", ["checked", "replanned balanced"])
+def test_per_step_plan_checks_of_two_ranks_are_those_of_one_process(runs, name):
+    """``recalibrate_error``: inf (checks recorded, no re-plan), 0 (re-plans every sparse step)."""
+    alone, parallel, _ = runs
+    assert_close(parallel[f"auto {name}"], alone[f"auto {name}"])
+    one, two = (r[f"auto {name} stats"] for r in (alone, parallel))
+    assert len(one["checks"]) > 0 and len(one["plans"]) == len(two["plans"])
+    for a, b in zip(one["checks"], two["checks"], strict=True):
+        assert (a["layer"], a["context"], a["step"], a["plan_step"], a["recalibrated"]) == (
+            b["layer"], b["context"], b["step"], b["plan_step"], b["recalibrated"])
+        torch.testing.assert_close(torch.tensor(b["error"]), torch.tensor(a["error"]), atol=1e-4, rtol=1e-4)
+    assert all(c["recalibrated"] for c in one["checks"]) == (name == "replanned balanced")
+    if name == "checked":
+        assert_close(alone["auto checked"], alone["auto"])     # checking alone changes nothing
+
+
 def test_balanced_head_order_evens_the_load_of_dense_heads():
     cost = torch.tensor([1.0, 1.0, 1.0, 0.1, 0.1, 0.1])   # the dense heads all in the first rank's natural slice
     order = balanced_head_order(cost, 2)

@@ -115,3 +115,15 @@ def test_report_only_merges_every_saved_run_without_repeating_a_method(study, tm
     for row in results["runs"][results["main_size"]]["rows"]:
         line = f"| {row['label']} | {row['budget']} |"
         assert text.count(line) == (out / "fidelity.md").read_text().count(line)
+
+
+def test_the_error_check_changes_nothing_and_a_zero_bound_replans_at_every_check(study):
+    _, _, out, results = study
+    aging = {r["label"]: r for r in results["runs"][results["main_size"]]["rows"] if r["part"] == "aging"}
+    once, checked = aging["recalibrate plan once"], aging["plan once, error checked every step"]
+    assert "checks" not in once and checked["per_prompt_psnr"] == once["per_prompt_psnr"]
+    assert checked["checks"]["replans_per_call"] == 0 and checked["checks"]["error_by_step"]
+    every = aging["re-plan every step, no dense pass"]["checks"]
+    assert every["replans_per_call"] > 0 and every["error_by_step"].keys() == checked["checks"]["error_by_step"].keys()
+    assert (out / "img" / "fidelity_aging.png").stat().st_size > 0
+    assert "| plan once, error checked every step | 0.0 |" in (out / "fidelity.md").read_text()

@@ -10,7 +10,10 @@ Parts (``--parts``, default all):
   of their own budget) at each ``--densities``, and ``radial_paper`` and SVG2 (``svg2_own``) once at
   their own budgets; ``--methods`` picks among them.
 - ``aging``: the default config with its plans made once, recalibrated every 4 and every 2 steps,
-  and at every sparse step (each recalibration is a dense pass).
+  and at every sparse step (each recalibration is a dense pass); then with the per-step check of
+  ``recalibrate_error``: recording the error of a plan made once at every later step, re-planning
+  every sparse step from that step's queries and keys (the peers' way), and re-planning a layer
+  only when its error passes each ``--drift-bounds``.
 - ``warmup``: the default config with 0, 10, 25, 40 % dense steps, with and without the first layer
   dense, with and without the last step dense (one factor at a time).
 - ``length``: at each ``--length-sizes`` (the first video size too), a fixed density against
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -51,6 +55,7 @@ DENSITIES = (0.15, 0.10, 0.25)  # the library's default density first
 DENSE_STEP_SHARES = (0.0, 0.10, 0.25, 0.40)
 EXPONENTS = (0.5, 0.75)
 LENGTH_SIZES = ((13, 64, 64), (29, 96, 96))
+DRIFT_BOUNDS = (0.25, 0.35)
 
 
 @dataclass(frozen=True)
@@ -97,9 +102,18 @@ def own_budget_methods(methods: tuple[str, ...] = METHODS) -> list[Method]:
             for name in ("radial_paper", "svg2") if {"svg2": "svg2_own"}.get(name, name) in methods]
 
 
-def aging_methods(base: SparseAttentionConfig, steps: int) -> list[Method]:
-    """``base`` with plans made once, recalibrated every 4 and 2 steps, and at every sparse step
-    (variants that coincide at this step count appear once)."""
+def aging_methods(base: SparseAttentionConfig, steps: int, bounds: tuple[float, ...] = DRIFT_BOUNDS) -> list[Method]:
+    """``base`` with plans made once, recalibrated (with a dense pass) every 4 and 2 steps and at
+    every sparse step (variants that coincide at this step count appear once); then the per-step
+    check of ``recalibrate_error``: recording only (how a plan made once ages), re-planning every
+    sparse step from its own queries and keys (the peers' way), and re-planning a layer when its
+    error passes each of ``bounds``.
+
+    Example::
+
+        >>> [m.budget for m in aging_methods(SparseAttentionConfig(), 8, bounds=(0.3,))]
+        ['recalibrate_at []', 'recalibrate_at [6]', 'recalibrate_at [4, 6]', 'recalibrate_at [2, 3, 4, 5, 6, 7]', 'recalibrate_error inf', 'recalibrate_error 0', 'recalibrate_error 0.3']
+    """
     first_sparse = base.num_dense_steps(steps)
     sparse_until = steps - base.dense_last_steps
     methods, seen = [], set()
@@ -111,7 +125,32 @@ def aging_methods(base: SparseAttentionConfig, steps: int) -> list[Method]:
             seen.add(at)
             methods.append(Method("aging", f"recalibrate {label}", f"recalibrate_at {list(at)}",
                                   replace(base, recalibrate_at=at)))
+    checked = [("plan once, error checked every step", math.inf), ("re-plan every step, no dense pass", 0.0)]
+    for label, bound in checked + [(f"re-plan when error > {bound:g}", bound) for bound in bounds]:
+        methods.append(Method("aging", label, f"recalibrate_error {bound:g}", replace(base, recalibrate_error=bound)))
     return methods
+
+
+def plan_checks(stats: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What the ``recalibrate_error`` checks of one method's calls (``SparseRunStats.to_dict()``, one
+    per prompt) found: the estimated error of the plan in use at each step, averaged over prompts,
+    layers and contexts, its largest layer mean, and the re-plans per call (``None`` without checks).
+
+    Example::
+
+        >>> check = {"step": 3, "mean_error": 0.2, "recalibrated": True}
+        >>> plan_checks([{"checks": [check, check | {"mean_error": 0.4}]}, {"checks": [check]}])
+        {'error_by_step': {'3': 0.26666666666666666}, 'max_error_by_step': {'3': 0.4}, 'replans_per_call': 1.5}
+    """
+    checks = [check for call in stats for check in call["checks"]]
+    if not checks:
+        return None
+    by_step: dict[str, list[float]] = {}
+    for check in checks:
+        by_step.setdefault(str(check["step"]), []).append(check["mean_error"])
+    return {"error_by_step": {step: statistics.fmean(errors) for step, errors in by_step.items()},
+            "max_error_by_step": {step: max(errors) for step, errors in by_step.items()},
+            "replans_per_call": sum(check["recalibrated"] for check in checks) / len(stats)}
 
 
 def warmup_methods(base: SparseAttentionConfig, steps: int) -> list[Method]:
@@ -160,10 +199,12 @@ def video_tokens(size: tuple[int, int, int]) -> int:
 
 def plan_study(parts: list[str], size: tuple[int, int, int], steps: int, densities: tuple[float, ...],
                length_sizes: list[tuple[int, int, int]], prompts: int, part_prompts: int,
-               methods: tuple[str, ...] = METHODS, length_density: float = DEFAULT_DENSITY) -> StudyPlan:
+               methods: tuple[str, ...] = METHODS, length_density: float = DEFAULT_DENSITY,
+               drift_bounds: tuple[float, ...] = DRIFT_BOUNDS) -> StudyPlan:
     """The stages of ``parts``, most telling first, so that a run cut short still has them: ``auto``
     and the peer presets among ``methods`` at the first density on ``prompts`` prompts; the other
-    parts on ``part_prompts`` (the first of them), the length part with ``length_density`` against
+    parts on ``part_prompts`` (the first of them; the aging part's drift trigger at each of
+    ``drift_bounds``), the length part with ``length_density`` against
     ``alpha * n**C`` matched to it at the smallest size; the families and the peers' own budgets; the
     length part at every further size; the Pareto methods at each further density.
 
@@ -171,11 +212,11 @@ def plan_study(parts: list[str], size: tuple[int, int, int], steps: int, densiti
 
         >>> plan = plan_study(["pareto", "aging"], (29, 128, 128), 16, (0.15, 0.1), [], prompts=16, part_prompts=4)
         >>> [(stage.prompts, len(stage.methods)) for stage in plan.stages]
-        [(16, 3), (4, 4), (16, 6), (16, 7)]
+        [(16, 3), (4, 8), (16, 6), (16, 7)]
     """
     base = SparseAttentionConfig(density=DEFAULT_DENSITY)
     pareto = [pareto_methods(d, methods) for d in densities] if "pareto" in parts else [[]]
-    others = (aging_methods(base, steps) if "aging" in parts else []) + (
+    others = (aging_methods(base, steps, drift_bounds) if "aging" in parts else []) + (
         warmup_methods(base, steps) if "warmup" in parts else [])
     smallest = min(video_tokens(s) for s in [size, *length_sizes])
     length = length_methods(base, length_density, smallest) if "length" in parts else []
@@ -218,8 +259,9 @@ def run_study(plan: StudyPlan, prompts: list[str], model: Any, warmup: int, repe
                 "machine": machine, "prompt_adherence": scored["prompt_adherence"], "rows": []})
             entry["machine"]["other_cores"] = max(entry["machine"]["other_cores"], other.cores)
             entry["notes"] = busy_machine_notes(entry["machine"])
-            entry["rows"] += [_row(m, scored["configs"][0], stage.prompts) for m in stage.methods
-                              if _key(m.config) == _key(config)]
+            checks = plan_checks([generation.stats for generation in run.sparse[0].generations])
+            entry["rows"] += [_row(m, scored["configs"][0], stage.prompts) | ({"checks": checks} if checks else {})
+                              for m in stage.methods if _key(m.config) == _key(config)]
             after_stage(results)
     return results
 
@@ -265,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="methods of the Pareto part (default: all); radial_paper and svg2_own run once, at "
                              "the peers' own budgets")
+    parser.add_argument("--drift-bounds", type=float, nargs="+", default=list(DRIFT_BOUNDS),
+                        help="recalibrate_error bounds of the aging part's drift trigger (default "
+                             f"{' '.join(map(str, DRIFT_BOUNDS))})")
     parser.add_argument("--length-density", type=float, default=DEFAULT_DENSITY,
                         help=f"the fixed density of the length part (default {DEFAULT_DENSITY})")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls per method (default 1)")
@@ -291,6 +336,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, StudyPlan]:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if not all(0 < d <= 1 for d in [*args.densities, args.length_density]):
         parser.error(f"--densities and --length-density must lie in (0, 1], got {args.densities}, {args.length_density}")
+    if not all(bound > 0 for bound in args.drift_bounds):
+        parser.error(f"--drift-bounds must be > 0 (0 re-plans every step, a row of its own), got {args.drift_bounds}")
     if len(args.length_sizes) % 3:
         parser.error(f"--length-sizes takes frame-height-width triples, got {len(args.length_sizes)} numbers")
     sizes = [tuple(args.length_sizes[i:i + 3]) for i in range(0, len(args.length_sizes), 3)]
@@ -298,7 +345,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, StudyPlan]:
         parser.error("the length part needs at least one size besides --size in --length-sizes")
     try:
         plan = plan_study(args.parts, tuple(args.size), args.steps, tuple(args.densities), sizes, args.prompts,
-                          args.part_prompts, tuple(args.methods), args.length_density)
+                          args.part_prompts, tuple(args.methods), args.length_density, tuple(args.drift_bounds))
         from ..preflight import check_out_folder, check_sparse_steps
 
         check_sparse_steps([m.config for stage in plan.stages for m in stage.methods], args.steps)

@@ -18,11 +18,17 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from dit_sparse import SparseAttentionConfig
+from dit_sparse.config import DEFAULT_DENSITY
+
 from ..machine import describe_machine
 from ..plots import save_figure
 from ..report import write_json
 
 AGREEMENT = ("colour", "shape", "motion", "all")
+TARGET_PSNR = 30
+TARGET_AGREEMENT = 0.95
+MIN_GAIN = 1.0
 PART_TITLES = {
     "pareto": "Pareto: every method at equal density",
     "aging": "Plan aging: how often to re-plan",
@@ -40,6 +46,9 @@ def write_report(results: dict[str, Any], out: Path, save: bool = True) -> Path:
     pareto = [r for r in main["rows"] if r["part"] == "pareto"]
     if pareto:
         figures["pareto"] = save_figure(pareto_figure(pareto), out / "img" / "fidelity_pareto.png")
+    checked = [r for r in main["rows"] if r.get("checks")]
+    if checked:
+        figures["aging"] = save_figure(aging_figure(checked), out / "img" / "fidelity_aging.png")
     if any(r["part"] == "length" for r in main["rows"]):
         figures["length"] = save_figure(length_figure(length_rows(results)), out / "img" / "fidelity_length.png")
     if save:
@@ -142,9 +151,15 @@ def markdown(results: dict[str, Any], figures: dict[str, str], out: Path) -> str
             lines += length_table(length_rows(results))
         else:
             lines += method_table(rows)
+        if any(r.get("checks") for r in rows):
+            lines += ["", "The per-step check (`recalibrate_error`) estimates each layer's relative attention output "
+                      "error on sampled query rows at every sparse step, before any re-plan; its figures below are "
+                      "means over layers, contexts and prompts at each step (\"largest\": the worst layer's mean).",
+                      "", *checks_table([r for r in rows if r.get("checks")])]
         if part in figures:
             lines += ["", f"![{title}]({figures[part]})"]
     lines += ["", "## What the figures say", "", *findings(results)]
+    lines += ["", "## Defaults from evidence", "", *defaults_evidence(results)]
     lines += ["", "## Not measured here", "", *not_measured(results)]
     return "\n".join(lines) + "\n"
 
@@ -207,9 +222,16 @@ def findings(results: dict[str, Any]) -> list[str]:
     for part in ("aging", "warmup"):
         mine = [r for r in rows if r["part"] == part]
         if mine:
-            best = max(mine, key=lambda r: _finite(r["psnr"]))
-            ranked = ", ".join(f"{r['label']} {_num(r['psnr'], 2)} dB" for r in mine)
-            lines.append(f"- {PART_TITLES[part].split(':')[0]}: best PSNR with {best['label']}; {ranked}.")
+            best = max(mine, key=lambda r: -1 if r["psnr"] is None or math.isinf(r["psnr"]) else r["psnr"])
+            ranked = ", ".join(f"{r['label']} {_num(r['psnr'], 2)} dB ({_num(r['speedup'], 2, 'x')})" for r in mine)
+            lines.append(f"- {PART_TITLES[part].split(':')[0]}: best finite PSNR (`inf`: every step dense) with "
+                         f"{best['label']}; {ranked}.")
+    once = next((r for r in rows if r.get("checks") and r["config"]["recalibrate_error"] == math.inf), None)
+    if once is not None:
+        errors = once["checks"]["error_by_step"]
+        first, last = min(errors, key=int), max(errors, key=int)
+        lines.append(f"- A plan made once ages: its estimated attention error is {_num(errors[first], 3)} at step "
+                     f"{first} and {_num(errors[last], 3)} at step {last} (mean over layers).")
     length = length_rows(results)
     for label in dict.fromkeys(r["label"] for r in length):
         mine = [r for r in length if r["label"] == label]
@@ -218,16 +240,70 @@ def findings(results: dict[str, Any]) -> list[str]:
     return lines or ["- Nothing measured yet."]
 
 
+def defaults_evidence(results: dict[str, Any]) -> list[str]:
+    """What the figures pick for each default of ``SparseAttentionConfig()``, by stated rules: the
+    smallest density at which ``auto`` meets both quality targets (30 dB, 95 % agreement; else the
+    one with the most agreement), the fewest dense steps at which PSNR meets 30 dB, a dense
+    first layer and a dense last step only when they gain at least 1 dB, and a re-planning schedule
+    only when it gains at least 1 dB over planning once and stays faster than dense; each rule's pick
+    beside the default."""
+    default = SparseAttentionConfig(density=DEFAULT_DENSITY).to_dict()
+    rows = results["runs"][results["main_size"]]["rows"]
+    lines = []
+    auto = sorted((r for r in rows if r["part"] == "pareto" and r["label"] == "auto" and r["budget"] != "own"),
+                  key=lambda r: float(r["budget"]))
+    if auto:
+        meeting = [r for r in auto if _finite(r["psnr"]) >= TARGET_PSNR and (r["agreement"].get("all") or 0) >= TARGET_AGREEMENT]
+        pick = meeting[0] if meeting else max(auto, key=lambda r: (r["agreement"].get("all") or 0, -float(r["budget"])))
+        rule = "the smallest that meets both" if meeting else "none meets both, so the one with the most agreement"
+        lines.append(f"- Budget: `auto` against the targets ({TARGET_PSNR} dB, {TARGET_AGREEMENT:.0%} agreement) at each "
+                     f"measured density: " + ", ".join(f"{r['budget']}: {_num(r['psnr'], 2)} dB, {_pct(r['agreement'].get('all'))}"
+                                                      for r in auto)
+                     + f"; {rule}: density {pick['budget']}. The default is density {DEFAULT_DENSITY}.")
+    warmup = [r for r in rows if r["part"] == "warmup"]
+    shares = sorted((r for r in warmup if r["label"].endswith("dense steps")), key=lambda r: r["config"]["dense_steps"])
+    if shares:
+        meeting = [r["label"] for r in shares if _finite(r["psnr"]) >= TARGET_PSNR]
+        lines.append(f"- Warm-up: the fewest dense steps whose PSNR meets {TARGET_PSNR} dB: "
+                     f"{meeting[0] if meeting else 'none measured'} ({_psnrs(shares, 'label')}); the default is "
+                     f"{default['dense_steps']:.0%} dense steps.")
+    base = next((r for r in warmup if _is_default(r["config"])), None)
+    for label, field in (("first layer", "dense_layers"), ("last step", "dense_last_steps")):
+        flipped = next((r for r in warmup if r["label"].startswith(label)), None)
+        if base is None or flipped is None:
+            continue
+        dense, sparse = (base, flipped) if keeps_dense(base["config"], field) else (flipped, base)
+        gain = _finite(dense["psnr"]) - _finite(sparse["psnr"])
+        lines.append(f"- {label.capitalize()}: dense gains {_num(gain, 2)} dB ({_num(dense['speedup'], 2, 'x')} "
+                     f"against {_num(sparse['speedup'], 2, 'x')} sparse), so {'dense' if gain >= MIN_GAIN else 'sparse'} "
+                     f"by the {MIN_GAIN:g} dB rule; the default is {'dense' if keeps_dense(default, field) else 'sparse'}.")
+    aging = [r for r in rows if r["part"] == "aging" and r["psnr"] is not None and math.isfinite(r["psnr"])]
+    once = next((r for r in aging if r["label"] == "recalibrate plan once"), None)
+    if once is not None and len(aging) > 1:
+        best = max(aging, key=lambda r: r["psnr"])
+        gain = best["psnr"] - once["psnr"]
+        pick = best["label"] if gain >= MIN_GAIN and best["speedup"] > 1 else "plan once"
+        lines.append(f"- Re-planning: among the schedules that leave sparse steps (finite PSNR), the best, "
+                     f"{best['label']}, gains {_num(gain, 2)} dB over planning once at {_num(best['speedup'], 2, 'x')} "
+                     f"end to end against {_num(once['speedup'], 2, 'x')}; a schedule is picked when it gains at least "
+                     f"{MIN_GAIN:g} dB and stays faster than dense: {pick}. The default plans once "
+                     "(`recalibrate_at=()`, `recalibrate_error=None`).")
+    return lines or ["- Nothing measured yet."]
+
+
+def keeps_dense(config: dict[str, Any], field: str) -> bool:
+    """Whether a config dict keeps the first layer (``field="dense_layers"``) or the last step
+    (``"dense_last_steps"``) dense."""
+    return 0 in config[field] if field == "dense_layers" else config[field] > 0
+
+
+def _psnrs(rows: list[dict[str, Any]], name: str) -> str:
+    return ", ".join(f"{r[name]}: {_num(r['psnr'], 2)} dB" for r in rows)
+
+
 def not_measured(results: dict[str, Any]) -> list[str]:
     """What the study leaves out, by design or because the run was cut short."""
-    lines = [
-        "- The error of a plan calibrated at step k at each later step, layer by layer: the aging part "
-        "measures the finished video under each re-planning schedule, not the per-step attention error.",
-        "- A drift-triggered recalibration (a per-step check on sampled query rows that re-plans a layer "
-        "when its estimated error passes a bound): not built.",
-        "- The defaults of `SparseAttentionConfig()` are unchanged: they are set from evidence on at least "
-        "16 prompts at the model's default size, which this page does not have for every part.",
-    ]
+    lines = []
     from ..reference import reference_call_kwargs
     from .fidelity import METHODS
 
@@ -250,7 +326,7 @@ def not_measured(results: dict[str, Any]) -> list[str]:
     if done < total:
         lines.append(f"- {total - done} of the {total} methods the runs planned (counted per run): the runs were "
                      "stopped before them; the tables show what was measured.")
-    return lines
+    return lines or ["- Nothing the study plans was left out."]
 
 
 def _size(size: list[int]) -> str:
@@ -260,9 +336,6 @@ def _size(size: list[int]) -> str:
 
 def _is_default(config: dict[str, Any]) -> bool:
     """Whether a row's config is ``SparseAttentionConfig()`` with its default budget made explicit."""
-    from dit_sparse import SparseAttentionConfig
-    from dit_sparse.config import DEFAULT_DENSITY
-
     default = SparseAttentionConfig(density=DEFAULT_DENSITY).to_dict()
     return config == default
 
@@ -297,6 +370,35 @@ def speedup_cap(dense: dict[str, Any]) -> float:
 def _speedup(row: dict[str, Any]) -> str:
     flag = " (load)" if row["speedup"] is not None and row["speedup"] > row["speedup_cap"] else ""
     return _num(row["speedup"], 2, "x") + flag
+
+
+def checks_table(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per checked method: re-plans per call, the worst layer's mean error, and the mean
+    estimated error at each step."""
+    steps = sorted({step for r in rows for step in r["checks"]["error_by_step"]}, key=int)
+    head = ["method", "re-plans per call", "largest", *(f"step {step}" for step in steps)]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        checks = r["checks"]
+        cells = [r["label"], _num(checks["replans_per_call"], 1), _num(max(checks["max_error_by_step"].values()), 3),
+                 *(_num(checks["error_by_step"].get(step), 3) for step in steps)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def aging_figure(rows: list[dict[str, Any]]) -> Figure:
+    """The estimated attention error of the plan in use at each step, one line per checked method."""
+    fig = Figure(figsize=(6.5, 3.4), layout="constrained")
+    ax = fig.add_subplot()
+    for r in rows:
+        steps = sorted(r["checks"]["error_by_step"], key=int)
+        ax.plot([int(s) for s in steps], [r["checks"]["error_by_step"][s] for s in steps], marker="o", label=r["label"])
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel("relative attention error")
+    ax.set_title("Error of the plan in use, before any re-plan (mean over layers)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
 
 
 def length_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
