@@ -26,6 +26,7 @@ from random_plans import random_orders, random_plan, random_starts
 
 INTERPRETED = triton_utils.interpreting()
 CUDA = torch.cuda.is_available() and not INTERPRETED
+KERNEL_DEVICE = "cuda" if CUDA else "cpu"  # where the kernels run on this machine: compiled, or interpreted
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="CPU runs need TRITON_INTERPRET=1")),
@@ -258,24 +259,26 @@ def test_attention_in_plan_order_is_the_kernel_between_the_gathers():
         (lambda q: {"q": q.double(), "k": q.double(), "v": q.double()}, TypeError, "fp32, fp16 and bf16"),
         (lambda q: {"k": q[:, :, :-1]}, ValueError, "one \\[B, H, S, D\\] shape"),
         (lambda q: {"block_size_q": 48}, ValueError, "power-of-two block sizes"),
-        (lambda q: {"kv_counts": torch.ones(1, 2, 3, dtype=torch.int32)}, ValueError, "kv_counts must be"),
-        (lambda q: {"kv_valid_len": torch.tensor([1, 2])}, ValueError, "kv_valid_len must be"),
-        (lambda q: {"row_order": torch.arange(3)}, ValueError, "row_order must hold"),
+        (lambda q: {"kv_counts": torch.ones(1, 2, 3, dtype=torch.int32, device=q.device)}, ValueError,
+         "kv_counts must be"),
+        (lambda q: {"kv_valid_len": torch.tensor([1, 2], device=q.device)}, ValueError, "kv_valid_len must be"),
+        (lambda q: {"row_order": torch.arange(3, device=q.device)}, ValueError, "row_order must hold"),
     ],
 )
 def test_bad_inputs_are_rejected(change, error, match):
-    q = torch.randn(1, 2, 64, 16)
-    args = dict(q=q, k=q, v=q, kv_counts=torch.ones(1, 2, 2, dtype=torch.int32),
-                kv_offsets=torch.zeros(1, 2, 2, dtype=torch.int64), kv_indices=torch.zeros(1, dtype=torch.int32),
-                block_size_q=32, block_size_k=32)
+    q = torch.randn(1, 2, 64, 16, device=KERNEL_DEVICE)
+    args = dict(q=q, k=q, v=q, kv_counts=torch.ones(1, 2, 2, dtype=torch.int32, device=q.device),
+                kv_offsets=torch.zeros(1, 2, 2, dtype=torch.int64, device=q.device),
+                kv_indices=torch.zeros(1, dtype=torch.int32, device=q.device), block_size_q=32, block_size_k=32)
     with pytest.raises(error, match=match):
         block_sparse_attention_triton(**{**args, **change(q)})
 
 
 def test_head_dim_over_256_and_host_tensors_without_interpreter_are_rejected(monkeypatch):
-    q = torch.randn(1, 1, 32, 264)
+    q = torch.randn(1, 1, 32, 264, device=KERNEL_DEVICE)
     with pytest.raises(ValueError, match="head dim 264"):
         block_mass_triton(q, q, 16, 16)
+    q = q.cpu()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="CUDA tensors"):
         block_mass_triton(q[..., :64], q[..., :64], 16, 16)

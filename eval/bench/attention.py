@@ -6,7 +6,8 @@
     python -m dit_sparse.eval.bench.attention --preset hunyuan720p  # GPU: ... at HunyuanVideo 720p
 
 On a GPU the ``wan480p`` and ``hunyuan720p`` presets (the default there is ``wan480p``) time, on one
-plan per density: dense SDPA (flash backend), compiled FlexAttention with the plan's BlockMask and the
+plan per density: dense SDPA (the flash backend, and the backend torch picks itself, cuDNN on Hopper;
+ratios are to the faster of the two), compiled FlexAttention with the plan's BlockMask and the
 Triton kernel (the ``flex`` and ``triton`` backends on tensors already in plan order), the ``triton``
 backend end to end (with the token gathers), and block-mass calibration of the layer against one
 dense attention; then they check the kernel targets. Without a GPU every preset runs the CPU comparison (``--preset cpu``):
@@ -190,8 +191,10 @@ def run_kernels(args: argparse.Namespace, device: torch.device) -> list[dict]:
                 "tflops": flops_dense * density / ms / 1e9}
 
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        sdpa = timed("sdpa flash (dense)", 1.0, 1.0, lambda: F.scaled_dot_product_attention(qt, kt, vt))
-    rows = [sdpa]
+        flash = timed("sdpa flash (dense)", 1.0, 1.0, lambda: F.scaled_dot_product_attention(qt, kt, vt))
+    chosen = timed("sdpa, torch's choice (dense)", 1.0, 1.0, lambda: F.scaled_dot_product_attention(qt, kt, vt))
+    sdpa = min(flash, chosen, key=lambda row: row["ms"])  # the baseline: the faster dense backend
+    rows = [flash, chosen]
     for target in args.densities:
         plan = make_plan(args, layout, target, device)
         density = plan.density()
@@ -217,15 +220,15 @@ def check_targets(rows: list[dict]) -> list[str]:
     def find(method: str, target: float) -> dict | None:
         return next((r for r in rows if r["method"] == method and r["target_density"] == target), None)
 
-    sdpa = find("sdpa flash (dense)", 1.0)
+    sdpa = max((r for r in rows if r["method"].startswith("sdpa")), key=lambda r: r["tflops"])
     checks = []
     dense = find("triton kernel", 1.0)
     if dense:
-        checks.append(("Triton throughput at density 1.0 / SDPA's", dense["tflops"] / sdpa["tflops"],
+        checks.append(("Triton throughput at density 1.0 / the faster dense SDPA's", dense["tflops"] / sdpa["tflops"],
                        ">=", TARGETS["dense_throughput"]))
     sparse = find("triton kernel", TARGETS["target_density"])
     if sparse:
-        checks.append((f"Triton speedup over dense SDPA at density {TARGETS['target_density']}",
+        checks.append((f"Triton speedup over the faster dense SDPA at density {TARGETS['target_density']}",
                        sparse["vs_sdpa"], ">=", TARGETS["speedup_vs_sdpa"]))
         checks.append((f"Triton speedup over FlexAttention at density {TARGETS['target_density']}",
                        sparse["vs_flex"], ">=", TARGETS["speedup_vs_flex"]))
@@ -278,7 +281,7 @@ def format_table(rows: list[dict]) -> str:
 
 def format_kernel_table(rows: list[dict]) -> str:
     lines = [
-        "| method | density | ms | effective TFLOP/s | speedup vs dense SDPA | speedup vs FlexAttention |",
+        "| method | density | ms | effective TFLOP/s | speedup vs the faster dense SDPA | speedup vs FlexAttention |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
