@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_SCORES = 1 << 22
+from .kernels.block_mass_torch import chunk_scores
 SEEDING_POINTS_PER_CLUSTER = 8
 
 
@@ -87,7 +87,7 @@ def _assign(x: torch.Tensor, centroids: torch.Tensor, chunk_groups: int) -> torc
     score matrix stays small."""
     half_norm = 0.5 * (centroids * centroids).sum(-1)
     labels = torch.empty(x.shape[:2], dtype=torch.long, device=x.device)
-    step = max(1, CHUNK_SCORES // (chunk_groups * centroids.shape[1]))
+    step = max(1, chunk_scores(x.device) // (chunk_groups * centroids.shape[1]))
     for first in range(0, x.shape[1], step):
         scores = torch.baddbmm(-half_norm[:, None, :], x[:, first : first + step], centroids.transpose(1, 2))
         labels[:, first : first + step] = scores.argmax(-1)
@@ -102,7 +102,7 @@ def _update(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, chun
     groups, num_clusters, _ = centroids.shape
     sums = torch.zeros_like(centroids)
     counts = torch.zeros(groups, num_clusters, 1, device=x.device)
-    step = max(1, CHUNK_SCORES // (chunk_groups * num_clusters))
+    step = max(1, chunk_scores(x.device) // (chunk_groups * num_clusters))
     for first in range(0, x.shape[1], step):
         chunk = labels[:, first : first + step, None]
         one_hot = torch.zeros(groups, chunk.shape[1], num_clusters, device=x.device).scatter_(2, chunk, 1.0)

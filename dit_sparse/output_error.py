@@ -70,8 +70,10 @@ class RowSample:
         return cls(rows, q[:, rows], k, v, layout)
 
 
-# Sampled rows scored at a time: bounds the [rows, keys] score and weight buffers.
+# Sampled rows scored at a time, and the float elements a group of heads may hold at once (its keys
+# and values in order, its scores and weights): heads are scored together up to that bound.
 _ROW_CHUNK = 64
+_CHUNK_ELEMENTS = 2**25
 
 
 @dataclass
@@ -125,40 +127,45 @@ def estimate_errors(
     key_bias = torch.zeros(batch, seq, device=k.device).masked_fill_(layout.key_padding(batch).to(k.device), float("-inf"))
     sq_err = torch.zeros(len(candidates), batch, heads, device=k.device, dtype=torch.float64)
     sq_ref = torch.zeros(batch, heads, device=k.device, dtype=torch.float64)
+    head_chunk = max(1, min(heads, _CHUNK_ELEMENTS // (seq * (2 * dim + 3 * _ROW_CHUNK))))
     reference_pending = True
     for name, (q_order, kv_order) in orders.items():
         members = [i for i, c in enumerate(candidates) if c.orders == name]
         if not members:
             continue
         q_order, kv_order = (_per_head(o, batch, heads) for o in (q_order, kv_order))
-        masks = [candidates[i].mask for i in members]
+        masks = torch.stack([candidates[i].mask.expand(batch, heads, -1, -1) for i in members])   # [M, B, H, nQ, nK]
         q_bounds, k_bounds = (_bounds(b, layout, size, batch, heads, k.device) for b, size in zip(starts.get(name, (None, None)), block_size))
+        text_key, text_query = _text_blocks(k_bounds, layout), _text_blocks(q_bounds, layout)
+        positions = TokenLayout.inverse(q_order)[..., sample.rows]                               # [B, H, R]
         for b in range(batch):
-            for h in range(heads):
-                keys = kv_order[b, h]
-                k_head, v_head = k[b, keys, h].float(), v[b, keys, h].float()
-                positions = TokenLayout.inverse(q_order[b, h])[sample.rows]
-                text_key = _text_blocks(k_bounds[b, h], layout)
-                text_query = _text_blocks(q_bounds[b, h], layout)
-                for rows in torch.arange(positions.numel(), device=k.device).split(_ROW_CHUNK):
-                    scores = (sample.q_rows[b, rows, h].float() * scale) @ k_head.T + key_bias[b, keys]
-                    scores, values = _key_blocks(scores, v_head, k_bounds[b, h], bk, name in starts)
-                    weights = (scores - scores.flatten(1).amax(-1)[:, None, None]).exp()    # [R, nK, bk]
+            for first in range(0, heads, head_chunk):
+                hs = slice(first, min(first + head_chunk, heads))
+                keys = kv_order[b, hs]                                                           # [h, S]
+                head_index = torch.arange(hs.start, hs.stop, device=k.device)[:, None]
+                k_heads, v_heads = k[b][keys, head_index].float(), v[b][keys, head_index].float()    # [h, S, D]
+                bias = key_bias[b, keys][:, None, :]
+                for rows in torch.arange(positions.shape[-1], device=k.device).split(_ROW_CHUNK):
+                    q_rows = sample.q_rows[b, rows, hs].float().transpose(0, 1) * scale                # [h, r, D]
+                    scores, values = _key_blocks(q_rows @ k_heads.transpose(1, 2) + bias, v_heads, k_bounds[b, hs], bk,
+                                                 name in starts)                                  # [h, r, nK, bk]
+                    weights = (scores - scores.flatten(2).amax(-1)[..., None, None]).exp()
                     del scores
-                    numer = torch.einsum("rcj,cjd->rcd", weights, values)                # [R, nK, D]
-                    denom = weights.sum(-1)                                              # [R, nK]
+                    numer = torch.einsum("hrcj,hcjd->hrcd", weights, values)                     # [h, r, nK, D]
+                    denom = weights.sum(-1)                                                      # [h, r, nK]
                     del weights, values
-                    dense = numer.sum(1) / denom.sum(1, keepdim=True)
+                    dense = numer.sum(2) / denom.sum(2, keepdim=True)                            # [h, r, D]
                     if reference_pending:
-                        sq_ref[b, h] += dense.double().pow(2).sum()
-                    q_block = torch.searchsorted(q_bounds[b, h, 1:], positions[rows], right=True)
-                    text_row = text_query[q_block][:, None]
-                    row_masks = torch.stack([m[min(b, m.shape[0] - 1), h, q_block] for m in masks])   # [M, R, nK]
-                    row_masks = (row_masks | text_key | text_row).float()
+                        sq_ref[b, hs] += dense.double().pow(2).sum((1, 2))
+                    q_block = torch.searchsorted(q_bounds[b, hs, 1:].contiguous(), positions[b, hs][:, rows].contiguous(),
+                                                 right=True)                                     # [h, r]
+                    row_masks = masks[:, b, hs].gather(2, q_block[None, ..., None].expand(len(members), -1, -1, masks.shape[-1]))
+                    text_row = text_query[b, hs].gather(1, q_block)[..., None]
+                    row_masks = (row_masks | text_key[b, hs][:, None, :] | text_row).float()     # [M, h, r, nK]
                     kept = (row_masks * denom).sum(-1, keepdim=True)
-                    out = torch.einsum("mrc,rcd->mrd", row_masks, numer) / kept.clamp(min=1e-30)
+                    out = torch.einsum("mhrc,hrcd->mhrd", row_masks, numer) / kept.clamp(min=1e-30)
                     out = torch.where(kept > 0, out, 0.0)
-                    sq_err[members, b, h] += (out - dense).double().pow(2).sum((1, 2))
+                    sq_err[members, b, hs] += (out - dense).double().pow(2).sum((2, 3))
         reference_pending = False
     if plan_batch == 1:
         sq_err, sq_ref = sq_err.sum(1, keepdim=True), sq_ref.sum(0, keepdim=True)
@@ -179,16 +186,17 @@ def _bounds(starts: torch.Tensor | None, layout: TokenLayout, block: int, batch:
 def _key_blocks(
     scores: torch.Tensor, values: torch.Tensor, bounds: torch.Tensor, block: int, variable: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[R, S]`` scores and ``[S, D]`` values (in key order) as ``[R, nK, block]`` and
-    ``[nK, block, D]``: slots past a block's end hold ``-inf`` scores and zero values (fixed blocks: a
-    view, the last block padded)."""
-    n = bounds.shape[0] - 1
+    """``[h, R, S]`` scores and ``[h, S, D]`` values (in key order) as ``[h, R, nK, block]`` and
+    ``[h, nK, block, D]`` over the ``[h, nK + 1]`` block ``bounds``: slots past a block's end hold
+    ``-inf`` scores and zero values (fixed blocks: a view, the last block padded)."""
+    heads, rows, n = scores.shape[0], scores.shape[1], bounds.shape[-1] - 1
     if not variable:
         pad = n * block - scores.shape[-1]
         scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
-        return scores.view(-1, n, block), torch.nn.functional.pad(values, (0, 0, 0, pad)).view(n, block, -1)
-    slots = bounds[:-1, None] + torch.arange(block, device=bounds.device)
-    real = slots < bounds[1:, None]
-    slots = torch.where(real, slots, 0)
-    return scores[:, slots].masked_fill(~real, float("-inf")), values[slots] * real[..., None]
-
+        return scores.view(heads, rows, n, block), torch.nn.functional.pad(values, (0, 0, 0, pad)).view(heads, n, block, -1)
+    slots = bounds[:, :-1, None] + torch.arange(block, device=bounds.device)                  # [h, nK, block]
+    real = slots < bounds[:, 1:, None]
+    slots = torch.where(real, slots, 0).flatten(1)
+    scores = scores.gather(2, slots[:, None, :].expand(-1, rows, -1)).view(heads, rows, n, block)
+    values = values.gather(1, slots[..., None].expand(-1, -1, values.shape[-1])).view(heads, n, block, -1)
+    return scores.masked_fill(~real[:, None], float("-inf")), values * real[..., None]

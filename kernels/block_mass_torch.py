@@ -16,8 +16,16 @@ from __future__ import annotations
 import torch
 
 CHUNK_SCORES = 1 << 22
+# on a GPU each chunk costs a few dozen kernel launches whatever its size: fewer, larger chunks
+CHUNK_SCORES_CUDA = 1 << 26
 # fewer query rows than this per matrix product waste the product's throughput
 MIN_CHUNK_ROWS = 64
+
+
+def chunk_scores(device: torch.device) -> int:
+    """Scores a chunked pass holds at once on ``device``: a CPU's cache-sized chunk, or a GPU's
+    larger one (``chunk_scores(torch.device("cpu")) == CHUNK_SCORES``)."""
+    return CHUNK_SCORES_CUDA if device.type == "cuda" else CHUNK_SCORES
 
 
 def block_mass_torch(
@@ -50,8 +58,9 @@ def block_mass_torch(
     lse_f = None if lse is None else _pad_rows(lse.float().unsqueeze(-1), n_q * bq).view(batch * heads, n_q * bq, 1)
     bias = _key_bias(batch, heads, seq, n_k * bk, kv_valid_len, q.device)
     mass = torch.empty(batch * heads, n_q, n_k, dtype=torch.float32, device=q.device)
-    heads_per_chunk = max(1, min(batch * heads, CHUNK_SCORES // (bq * n_k * bk)))
-    blocks_per_chunk = max(1, CHUNK_SCORES // (heads_per_chunk * bq * n_k * bk))
+    chunk = chunk_scores(q.device)
+    heads_per_chunk = max(1, min(batch * heads, chunk // (bq * n_k * bk)))
+    blocks_per_chunk = max(1, chunk // (heads_per_chunk * bq * n_k * bk))
     for h in range(0, batch * heads, heads_per_chunk):
         group = slice(h, h + heads_per_chunk)
         for first in range(0, n_q, blocks_per_chunk):
@@ -144,8 +153,9 @@ def block_mass_torch_orders(
     qf = q.reshape(batch * heads, seq, dim)
     kf = k.float().reshape(batch * heads, seq, dim)
     bias = None if key_bias is None else key_bias.to(device).float().repeat_interleave(heads, 0)[:, None, :]
-    heads_per_chunk = max(1, min(batch * heads, CHUNK_SCORES // (MIN_CHUNK_ROWS * seq)))
-    rows_per_chunk = max(MIN_CHUNK_ROWS, CHUNK_SCORES // (heads_per_chunk * seq))
+    chunk_size = chunk_scores(device)
+    heads_per_chunk = max(1, min(batch * heads, chunk_size // (MIN_CHUNK_ROWS * seq)))
+    rows_per_chunk = max(MIN_CHUNK_ROWS, chunk_size // (heads_per_chunk * seq))
     for h in range(0, batch * heads, heads_per_chunk):
         group = slice(h, h + heads_per_chunk)
         for first in range(0, rows.numel(), rows_per_chunk):
@@ -176,9 +186,10 @@ def block_mass_torch_orders(
                 target = q_blocks[i][..., chunk]
                 if target.shape[0] == 1:
                     masses[i][group].index_add_(1, target[0], per_block)
-                else:
-                    for g, bh in enumerate(range(h, h + groups)):
-                        masses[i][bh].index_add_(0, target[bh], per_block[g])
+                else:   # each head its own query blocks: one add over the group's rows of blocks
+                    n_rows = masses[i].shape[1]
+                    rows_of = target[group] + n_rows * torch.arange(groups, device=device)[:, None]
+                    masses[i][group].view(groups * n_rows, -1).index_add_(0, rows_of.flatten(), per_block.flatten(0, 1))
     out = []
     for i, blocks in enumerate(q_blocks):
         measured = torch.zeros(blocks.shape[0], counts[i][0], device=device)

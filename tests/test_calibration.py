@@ -79,8 +79,12 @@ def test_adaptive_plan_recall_matches_token_level_mass():
     assert shared.batch_size == 1
 
 
-def test_one_pass_over_the_scores_gives_every_orders_block_mass():
+@pytest.mark.parametrize("chunk_scores", [1 << 8, 1 << 26], ids=["one head and 64 rows a chunk", "GPU-sized chunks"])
+def test_one_pass_over_the_scores_gives_every_orders_block_mass(chunk_scores, monkeypatch):
     from dit_sparse.calibration import measure_block_masses
+    from dit_sparse.kernels import block_mass_torch
+
+    monkeypatch.setattr(block_mass_torch, "CHUNK_SCORES", chunk_scores)
 
     layout = TokenLayout((3, 5, 7), text_len=9, text_first=True, valid_text_len=(4, 9))
     g = torch.Generator().manual_seed(0)
