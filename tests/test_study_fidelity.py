@@ -127,3 +127,17 @@ def test_the_error_check_changes_nothing_and_a_zero_bound_replans_at_every_check
     assert every["replans_per_call"] > 0 and every["error_by_step"].keys() == checked["checks"]["error_by_step"].keys()
     assert (out / "img" / "fidelity_aging.png").stat().st_size > 0
     assert "| plan once, error checked every step | 0.0 |" in (out / "fidelity.md").read_text()
+
+
+def test_auto_is_matched_with_svg2_by_the_density_each_spent(study):
+    from dit_sparse.eval.studies.fidelity_report import findings, read_results
+
+    _, _, out, _ = study
+    changed = read_results(out / "results" / "fidelity.json")
+    rows = {row["label"]: row for row in changed["runs"][changed["main_size"]]["rows"] if row["part"] == "pareto"}
+    rows["auto"].update(density=0.3, psnr=31.0)
+    rows["svg2"].update(density=0.7, psnr=30.0)
+    assert ("- SVG2 asked for 1.0 spent 0.700: `auto` at density 1.0 (spent 0.300, at most half) 31.00 dB, at least "
+            "as high as SVG2's 30.00 dB.") in findings(changed)
+    rows["svg2"].update(density=0.5)   # auto spent more than half of SVG2's: no match
+    assert not any(line.startswith("- SVG2 asked for 1.0") for line in findings(changed))
