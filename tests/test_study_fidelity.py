@@ -141,3 +141,20 @@ def test_auto_is_matched_with_svg2_by_the_density_each_spent(study):
             "as high as SVG2's 30.00 dB.") in findings(changed)
     rows["svg2"].update(density=0.5)   # auto spent more than half of SVG2's: no match
     assert not any(line.startswith("- SVG2 asked for 1.0") for line in findings(changed))
+
+
+def test_a_run_whose_dense_calls_spread_has_its_speedups_marked(study, tmp_path):
+    from dit_sparse.eval.studies.fidelity_report import read_results, write_report
+
+    _, _, out, _ = study
+    steady = read_results(out / "results" / "fidelity.json")
+    loaded = read_results(out / "results" / "fidelity.json")
+    loaded["runs"][loaded["main_size"]]["dense"]["per_prompt_wall_seconds"] = [[1.0], [2.0]]   # one prompt twice as slow
+    text = write_report(loaded, tmp_path, save=False).read_text()
+    assert "its dense calls took from 1.0 to 2.0 s per prompt" in text
+    assert all(row["unsteady"] for row in loaded["runs"][loaded["main_size"]]["rows"])
+    for row in loaded["runs"][loaded["main_size"]]["rows"]:
+        if row["part"] == "pareto":
+            assert f"{row['speedup']:.2f}x (load)" in text
+    text = write_report(steady, tmp_path / "steady", save=False).read_text()
+    assert "Timing:" not in text and not any(row["unsteady"] for row in steady["runs"][steady["main_size"]]["rows"])

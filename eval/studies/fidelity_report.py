@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,32 @@ PART_TITLES = {
 }
 
 
+# Dense calls of one size cost the same whatever the prompt: a wider spread of their wall times is
+# other work on the machine, and the run's speedups are then not the method's.
+STEADY_SPREAD = 1.5
+
+
+def dense_spread(run: dict[str, Any]) -> tuple[float, float]:
+    """The fastest and slowest dense call of ``run`` (one size of one study run), medians per prompt."""
+    walls = [statistics.median(w) for w in run["dense"]["per_prompt_wall_seconds"]]
+    return min(walls), max(walls)
+
+
+def mark_unsteady(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` of one study run with each row flagged ``unsteady`` when the run's dense calls of
+    its size spread past :data:`STEADY_SPREAD`."""
+    for run in results["runs"].values():
+        fastest, slowest = dense_spread(run)
+        for row in run["rows"]:
+            row["unsteady"] = slowest > STEADY_SPREAD * fastest
+    return results
+
+
 def write_report(results: dict[str, Any], out: Path, save: bool = True) -> Path:
     """Write ``fidelity.md``, ``img/fidelity_*.png`` and (``save``) ``results/fidelity.json`` under
     ``out``; returns the Markdown file's path."""
+    if "sources" not in results:   # one run (merged runs were marked each by its own dense calls)
+        results = mark_unsteady(results)
     out.mkdir(parents=True, exist_ok=True)
     figures = {}
     main = results["runs"][results["main_size"]]
@@ -70,7 +94,7 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     method already there is not repeated), the first run's main size and dense figures head the
     page, and every run is listed with its command, dates and machine."""
     merged = {**parts[0], "runs": {}, "sources": []}
-    for results in parts:
+    for results in map(mark_unsteady, parts):
         merged["sources"].append(source(results))
         for name, run in results["runs"].items():
             entry = merged["runs"].setdefault(name, {**run, "rows": []})
@@ -83,7 +107,8 @@ def source(results: dict[str, Any]) -> dict[str, Any]:
     """How one run ran: command, dates, methods measured, and the machine of its main size."""
     main = results["runs"][results["main_size"]]
     return {"command": results["command"], "started": results["started"], "finished": results["finished"],
-            "methods_done": results["methods_done"], "machine": main["machine"], "notes": main["notes"]}
+            "methods_done": results["methods_done"], "machine": main["machine"], "notes": main["notes"],
+            "dense_spread": dense_spread(main)}
 
 
 def _floats(value: Any) -> Any:
@@ -127,6 +152,11 @@ def markdown(results: dict[str, Any], figures: dict[str, str], out: Path) -> str
             f"  - Machine: {describe_machine(run['machine'])}",
             *[f"  - Note: {note}" for note in run["notes"]],
         ]
+        fastest, slowest = run["dense_spread"]
+        if slowest > STEADY_SPREAD * fastest:
+            lines.append(f"  - Timing: its dense calls took from {fastest:.1f} to {slowest:.1f} s per prompt at one size "
+                         "(they should cost the same): other work slowed some of them, so this run's speedups "
+                         "are not the methods'; they are marked (load) in the tables")
     lines += [
         f"- Scale: {_prompt_counts(results)}, {results['steps']} steps, main size {frames} frames of "
         f"{height}x{width} ({main['tokens']} video tokens per attention call); dense videos made once per prompt, "
@@ -357,7 +387,7 @@ def method_table(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         cells = [r["label"], r["budget"], _num(r["density"], 3), _num(r["psnr"], 2), _num(r["ssim"], 4),
                  _num(r["lpips"], 4), *(_pct(r["agreement"].get(a)) for a in AGREEMENT),
-                 _speedup(r), _num(r["attention_speedup"], 2, "x")]
+                 _speedup(r), _num(r["attention_speedup"], 2, "x") + (" (load)" if r.get("unsteady") else "")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -371,7 +401,8 @@ def speedup_cap(dense: dict[str, Any]) -> float:
 
 
 def _speedup(row: dict[str, Any]) -> str:
-    flag = " (load)" if row["speedup"] is not None and row["speedup"] > row["speedup_cap"] else ""
+    over_cap = row["speedup"] is not None and row["speedup"] > row["speedup_cap"]
+    flag = " (load)" if over_cap or row.get("unsteady") else ""
     return _num(row["speedup"], 2, "x") + flag
 
 
@@ -429,10 +460,14 @@ def pareto_figure(rows: list[dict[str, Any]]) -> Figure:
     markers = dict(zip(dict.fromkeys(r["budget"] for r in rows), "osD^v<>p*"))
     for index, label in enumerate(dict.fromkeys(r["label"] for r in rows)):
         for r in (r for r in rows if r["label"] == label):
-            ax.scatter(r["speedup"], _finite(r["psnr"]), color=f"C{index % 10}", marker=markers[r["budget"]], s=40,
+            colour = f"C{index % 10}"
+            ax.scatter(r["speedup"], _finite(r["psnr"]), marker=markers[r["budget"]], s=40, edgecolors=colour,
+                       facecolors="none" if r.get("unsteady") else colour,
                        label=label if r is next(x for x in rows if x["label"] == label) else None)
     for budget, marker in markers.items():
         ax.scatter([], [], color="grey", marker=marker, label=f"budget {budget}")
+    if any(r.get("unsteady") for r in rows):
+        ax.scatter([], [], facecolors="none", edgecolors="grey", label="hollow: timed under load")
     ax.set_xlabel("end-to-end speedup over dense")
     ax.set_ylabel("PSNR vs dense (dB, frame mean)")
     ax.set_title("Quality against speed, every method")
