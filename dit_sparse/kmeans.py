@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .kernels.block_mass_torch import chunk_scores
+
 SEEDING_POINTS_PER_CLUSTER = 8
 
 

@@ -61,6 +61,10 @@ def run(args: argparse.Namespace) -> dict:
     calibration = calibrate(q, k, layout, config, v=v)
     plan, _ = plan_from_calibration(calibration, config)
     backend = "triton" if device.type == "cuda" else "torch"
+
+    def calibrate_and_plan():
+        return plan_from_calibration(calibrate(q, k, layout, config, v=v), config)
+
     fns = {name: _synchronised(fn, device) for name, fn in {
         "dense SDPA": lambda: F.scaled_dot_product_attention(qt, kt, vt),
         "calibrate": lambda: calibrate(q, k, layout, config, v=v),
@@ -74,11 +78,10 @@ def run(args: argparse.Namespace) -> dict:
     peak_of = (lambda fn: peak_gpu_mib(fn, device)) if device.type == "cuda" else peak_mib
     peak = {
         "dense SDPA": peak_of(fns["dense SDPA"]),
-        "calibrate + plan": peak_of(lambda: plan_from_calibration(calibrate(q, k, layout, config, v=v), config)),
+        "calibrate + plan": peak_of(calibrate_and_plan),
         "sparse op": peak_of(fns["sparse op"]),
     }
-    profile = profile_table(lambda: plan_from_calibration(calibrate(q, k, layout, config, v=v), config), device) \
-        if args.profile else None
+    profile = profile_table(calibrate_and_plan, device) if args.profile else None
     return {
         "tokens": layout.seq_len, "heads": args.heads, "head_dim": args.head_dim, "pattern": args.pattern,
         "block_size": config.block_size, "density": plan.density(), "ms": ms,

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from dit_sparse import SparseAttentionConfig, SparsePipeline
+from dit_sparse.eval.bench.attention import median_time
 from dit_sparse.eval.harness.attention_timer import AttentionTimer
 from dit_sparse.eval.harness.runner import timed_call
 from dit_sparse.eval.machine import describe_machine, machine_info
@@ -129,21 +130,13 @@ def _dense_call(sparse: SparsePipeline, **kwargs: Any) -> Any:
 
 
 def _decode_seconds(pipe, latents: torch.Tensor, device: torch.device) -> float:
-    """Wall time of one VAE decode of ``latents`` (un-normalised as ``WanPipeline`` does)."""
-    import time
-
+    """Time of one VAE decode of ``latents`` (un-normalised as ``WanPipeline`` does), in seconds."""
     vae = pipe.vae
     mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
     z = latents.to(vae.dtype) * std + mean
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
     with torch.no_grad():
-        vae.decode(z)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+        return median_time(lambda: vae.decode(z), warmup=0, repeats=1, device=device) / 1e3
 
 
 def format_report(result: dict[str, Any]) -> str:

@@ -49,13 +49,19 @@ def dense_spread(run: dict[str, Any]) -> tuple[float, float]:
     return min(walls), max(walls)
 
 
+def spread_is_load(spread: tuple[float, float]) -> bool:
+    """Whether dense calls that took ``(fastest, slowest)`` seconds spread past :data:`STEADY_SPREAD`."""
+    fastest, slowest = spread
+    return slowest > STEADY_SPREAD * fastest
+
+
 def mark_unsteady(results: dict[str, Any]) -> dict[str, Any]:
     """``results`` of one study run with each row flagged ``unsteady`` when the run's dense calls of
     its size spread past :data:`STEADY_SPREAD`."""
     for run in results["runs"].values():
-        fastest, slowest = dense_spread(run)
+        unsteady = spread_is_load(dense_spread(run))
         for row in run["rows"]:
-            row["unsteady"] = slowest > STEADY_SPREAD * fastest
+            row["unsteady"] = unsteady
     return results
 
 
@@ -152,8 +158,8 @@ def markdown(results: dict[str, Any], figures: dict[str, str], out: Path) -> str
             f"  - Machine: {describe_machine(run['machine'])}",
             *[f"  - Note: {note}" for note in run["notes"]],
         ]
-        fastest, slowest = run["dense_spread"]
-        if slowest > STEADY_SPREAD * fastest:
+        if spread_is_load(run["dense_spread"]):
+            fastest, slowest = run["dense_spread"]
             lines.append(f"  - Timing: its dense calls took from {fastest:.1f} to {slowest:.1f} s per prompt at one size "
                          "(they should cost the same): other work slowed some of them, so this run's speedups "
                          "are not the methods'; they are marked (load) in the tables")
