@@ -8,6 +8,8 @@ files to ``folder``; with a device mesh, diffusers' context parallelism is enabl
 from __future__ import annotations
 
 import datetime
+import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -173,8 +175,14 @@ def worker(rank: int, port: int, folder: Path) -> None:
         results = run_cases(folder, mesh)
         if rank == 0:
             torch.save(results, folder / "parallel.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Skips interpreter finalisation, where gloo's worker threads can still hold tensors and abort
+    # the process (SIGABRT, "terminate called without an active exception") after its work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def record_parallel_config(transformer: torch.nn.Module, **context_parallel: Any) -> ParallelConfig:
