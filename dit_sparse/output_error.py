@@ -127,49 +127,70 @@ def estimate_errors(
     key_bias = torch.zeros(batch, seq, device=k.device).masked_fill_(layout.key_padding(batch).to(k.device), float("-inf"))
     sq_err = torch.zeros(len(candidates), batch, heads, device=k.device, dtype=torch.float64)
     sq_ref = torch.zeros(batch, heads, device=k.device, dtype=torch.float64)
-    head_chunk = max(1, min(heads, _CHUNK_ELEMENTS // (seq * (2 * dim + 3 * _ROW_CHUNK))))
-    reference_pending = True
+    groups = []
     for name, (q_order, kv_order) in orders.items():
         members = [i for i, c in enumerate(candidates) if c.orders == name]
         if not members:
             continue
         q_order, kv_order = (_per_head(o, batch, heads) for o in (q_order, kv_order))
-        masks = torch.stack([candidates[i].mask.expand(batch, heads, -1, -1) for i in members])   # [M, B, H, nQ, nK]
         q_bounds, k_bounds = (_bounds(b, layout, size, batch, heads, k.device) for b, size in zip(starts.get(name, (None, None)), block_size))
-        text_key, text_query = _text_blocks(k_bounds, layout), _text_blocks(q_bounds, layout)
-        positions = TokenLayout.inverse(q_order)[..., sample.rows]                               # [B, H, R]
-        for b in range(batch):
-            for first in range(0, heads, head_chunk):
-                hs = slice(first, min(first + head_chunk, heads))
-                keys = kv_order[b, hs]                                                           # [h, S]
-                head_index = torch.arange(hs.start, hs.stop, device=k.device)[:, None]
-                k_heads, v_heads = k[b][keys, head_index].float(), v[b][keys, head_index].float()    # [h, S, D]
-                bias = key_bias[b, keys][:, None, :]
-                for rows in torch.arange(positions.shape[-1], device=k.device).split(_ROW_CHUNK):
-                    q_rows = sample.q_rows[b, rows, hs].float().transpose(0, 1) * scale                # [h, r, D]
-                    scores, values = _key_blocks(q_rows @ k_heads.transpose(1, 2) + bias, v_heads, k_bounds[b, hs], bk,
-                                                 name in starts)                                  # [h, r, nK, bk]
-                    weights = (scores - scores.flatten(2).amax(-1)[..., None, None]).exp()
-                    del scores
-                    numer = torch.einsum("hrcj,hcjd->hrcd", weights, values)                     # [h, r, nK, D]
-                    denom = weights.sum(-1)                                                      # [h, r, nK]
-                    del weights, values
-                    dense = numer.sum(2) / denom.sum(2, keepdim=True)                            # [h, r, D]
-                    if reference_pending:
+        groups.append(_OrderGroup(
+            members, torch.stack([candidates[i].mask.expand(batch, heads, -1, -1) for i in members]),   # [M, B, H, nQ, nK]
+            kv_order, q_bounds, k_bounds, _text_blocks(k_bounds, layout), _text_blocks(q_bounds, layout),
+            TokenLayout.inverse(q_order)[..., sample.rows],                                              # [B, H, R]
+        ))
+    # each group of heads holds its keys and values, those values in every order's blocks, and its scores and weights
+    head_chunk = max(1, min(heads, _CHUNK_ELEMENTS // (seq * ((2 + len(groups)) * dim + 3 * _ROW_CHUNK))))
+    no_key = torch.full((batch, 1), float("-inf"), device=k.device)
+    key_bias = torch.cat([key_bias, no_key], 1)[:, :, None]                                     # [B, S + 1, 1]
+    for b in range(batch):
+        for first in range(0, heads, head_chunk):
+            hs = slice(first, min(first + head_chunk, heads))
+            # keys and values in the original order, and a last row that is no key: slots past a block's end read it
+            k_heads, v_heads = (torch.nn.functional.pad(x[b, :, hs].transpose(0, 1).float(), (0, 0, 0, 1)) for x in (k, v))
+            slots = [_slot_rows(g.kv_order[b, hs], g.k_bounds[b, hs], bk, seq) for g in groups]       # [h * nK * bk] each
+            values = [v_heads.flatten(0, 1).index_select(0, rows).view(-1, bk, dim) for rows in slots]  # [h * nK, bk, D]
+            for rows in torch.arange(len(sample.rows), device=k.device).split(_ROW_CHUNK):
+                q_rows = sample.q_rows[b, rows, hs].float().transpose(0, 1) * scale                    # [h, r, D]
+                scores = torch.baddbmm(key_bias[b], k_heads, q_rows.transpose(1, 2))                   # [h, S + 1, r]
+                weights = (scores - scores.amax(1, keepdim=True)).exp().flatten(0, 1)                  # [h * (S + 1), r]
+                del scores
+                h, r = q_rows.shape[:2]
+                for g, slot_rows, in_blocks in zip(groups, slots, values):
+                    blocked = weights.index_select(0, slot_rows).view(-1, bk, r)                       # [h * nK, bk, r]
+                    numer = torch.bmm(blocked.transpose(1, 2), in_blocks).view(h, -1, r, dim)          # [h, nK, r, D]
+                    denom = blocked.sum(1).view(h, -1, r)                                              # [h, nK, r]
+                    del blocked
+                    dense = numer.sum(1) / denom.sum(1)[..., None]                                     # [h, r, D]
+                    if g is groups[0]:
                         sq_ref[b, hs] += dense.double().pow(2).sum((1, 2))
-                    q_block = torch.searchsorted(q_bounds[b, hs, 1:].contiguous(), positions[b, hs][:, rows].contiguous(),
-                                                 right=True)                                     # [h, r]
-                    row_masks = masks[:, b, hs].gather(2, q_block[None, ..., None].expand(len(members), -1, -1, masks.shape[-1]))
-                    text_row = text_query[b, hs].gather(1, q_block)[..., None]
-                    row_masks = (row_masks | text_key[b, hs][:, None, :] | text_row).float()     # [M, h, r, nK]
-                    kept = (row_masks * denom).sum(-1, keepdim=True)
-                    out = torch.einsum("mhrc,hrcd->mhrd", row_masks, numer) / kept.clamp(min=1e-30)
+                    q_block = torch.searchsorted(g.q_bounds[b, hs, 1:].contiguous(), g.positions[b, hs][:, rows].contiguous(),
+                                                 right=True)                                           # [h, r]
+                    row_masks = g.masks[:, b, hs].gather(
+                        2, q_block[None, ..., None].expand(len(g.members), -1, -1, g.masks.shape[-1]))
+                    text_row = g.text_query[b, hs].gather(1, q_block)[..., None]
+                    row_masks = (row_masks | g.text_key[b, hs][:, None, :] | text_row).float()         # [M, h, r, nK]
+                    kept = (row_masks * denom.transpose(1, 2)).sum(-1, keepdim=True)
+                    out = torch.einsum("mhrc,hcrd->mhrd", row_masks, numer) / kept.clamp(min=1e-30)
                     out = torch.where(kept > 0, out, 0.0)
-                    sq_err[members, b, hs] += (out - dense).double().pow(2).sum((2, 3))
-        reference_pending = False
+                    sq_err[g.members, b, hs] += (out - dense).double().pow(2).sum((2, 3))
     if plan_batch == 1:
         sq_err, sq_ref = sq_err.sum(1, keepdim=True), sq_ref.sum(0, keepdim=True)
     return (sq_err / sq_ref.clamp(min=1e-30)).sqrt().float()
+
+
+@dataclass
+class _OrderGroup:
+    """The candidates over one named order, and that order's blocks (``[B, H, ...]``)."""
+
+    members: list[int]
+    masks: torch.Tensor
+    kv_order: torch.Tensor
+    q_bounds: torch.Tensor
+    k_bounds: torch.Tensor
+    text_key: torch.Tensor
+    text_query: torch.Tensor
+    positions: torch.Tensor
 
 
 def _per_head(order: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
@@ -183,20 +204,11 @@ def _bounds(starts: torch.Tensor | None, layout: TokenLayout, block: int, batch:
     return _per_head(block_bounds(None if starts is None else starts.long(), layout, block, device), batch, heads)
 
 
-def _key_blocks(
-    scores: torch.Tensor, values: torch.Tensor, bounds: torch.Tensor, block: int, variable: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[h, R, S]`` scores and ``[h, S, D]`` values (in key order) as ``[h, R, nK, block]`` and
-    ``[h, nK, block, D]`` over the ``[h, nK + 1]`` block ``bounds``: slots past a block's end hold
-    ``-inf`` scores and zero values (fixed blocks: a view, the last block padded)."""
-    heads, rows, n = scores.shape[0], scores.shape[1], bounds.shape[-1] - 1
-    if not variable:
-        pad = n * block - scores.shape[-1]
-        scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
-        return scores.view(heads, rows, n, block), torch.nn.functional.pad(values, (0, 0, 0, pad)).view(heads, n, block, -1)
-    slots = bounds[:, :-1, None] + torch.arange(block, device=bounds.device)                  # [h, nK, block]
-    real = slots < bounds[:, 1:, None]
-    slots = torch.where(real, slots, 0).flatten(1)
-    scores = scores.gather(2, slots[:, None, :].expand(-1, rows, -1)).view(heads, rows, n, block)
-    values = values.gather(1, slots[..., None].expand(-1, -1, values.shape[-1])).view(heads, n, block, -1)
-    return scores.masked_fill(~real[:, None], float("-inf")), values * real[..., None]
+def _slot_rows(kv_order: torch.Tensor, bounds: torch.Tensor, block: int, seq: int) -> torch.Tensor:
+    """``[h * nK * block]`` the row of each slot of the order's key blocks (``[h, S]`` order,
+    ``[h, nK + 1]`` block ``bounds``; ``block`` slots per block) in ``h`` stacked key arrays of
+    ``seq + 1`` rows each: its key's original position, or ``seq`` (no key) past the block's end."""
+    slots = bounds[:, :-1, None] + torch.arange(block, device=bounds.device)                    # [h, nK, block]
+    real = (slots < bounds[:, 1:, None]).flatten(1)
+    keys = torch.where(real, kv_order.gather(1, torch.where(real, slots.flatten(1), 0)), seq)
+    return (keys + (seq + 1) * torch.arange(keys.shape[0], device=keys.device)[:, None]).flatten()

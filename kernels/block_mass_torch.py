@@ -113,6 +113,8 @@ def block_mass_torch_orders(
     into every order's key blocks and query blocks. Key orders shared by every head are summed
     through their common cells (runs of keys, consecutive in the original order, that share a block
     in each of them): when the cells have one length this is a reshape and a sum, with no gather.
+    Other orders (per head, or over variable blocks) add each key's weight to its block in one
+    scatter, with no copy of the weights in the order.
 
     Args:
         q, k: ``[B, H, S, D]`` in the original token order.
@@ -144,11 +146,12 @@ def block_mass_torch_orders(
     starts = [tuple(pair[2:]) if len(pair) == 4 else (None, None) for pair in orders]
     orders = [tuple(pair[:2]) for pair in orders]
     q_blocks = [original_blocks(q_order, q_starts, bq, batch, heads)[..., rows] for (q_order, _), (q_starts, _) in zip(orders, starts)]
-    k_bounds = [None if kv_starts is None else kv_starts.to(device).long().expand(batch, heads, -1).reshape(batch * heads, -1)
-                for _, kv_starts in starts]
     counts = [(n_q if q_s is None else q_s.shape[-1] - 1, n_k if kv_s is None else kv_s.shape[-1] - 1) for q_s, kv_s in starts]
-    shared = [i for i, (_, kv_order) in enumerate(orders) if kv_order.dim() == 1 and k_bounds[i] is None]
+    shared = [i for i, (_, kv_order) in enumerate(orders) if kv_order.dim() == 1 and starts[i][1] is None]
     cells = _shared_cells([orders[i][1] for i in shared], bk) if shared else None
+    # every other order's key block of each key, by original position: its weights are summed in one scatter
+    key_blocks = {i: original_blocks(kv_order, kv_starts, bk, batch, heads)
+                  for i, ((_, kv_order), (_, kv_starts)) in enumerate(zip(orders, starts)) if cells is None or i not in shared}
     masses = [torch.zeros(batch * heads, *count, dtype=torch.float32, device=device) for count in counts]
     qf = q.reshape(batch * heads, seq, dim)
     kf = k.float().reshape(batch * heads, seq, dim)
@@ -163,26 +166,19 @@ def block_mass_torch_orders(
             scores = torch.bmm(qf[group, rows[chunk]].float() * scale, kf[group].transpose(1, 2))
             if bias is not None:
                 scores += bias[group]
-            weights = (scores - scores.amax(-1, keepdim=True)).exp_()
-            weights /= weights.sum(-1, keepdim=True)
+            weights = torch.softmax(scores, -1)
+            del scores
             groups, count = weights.shape[:2]
             if cells is not None:
-                length, cell_bounds, _ = cells
+                length, cell_of_key, cell_blocks = cells
                 per_cell = (weights.view(groups, count, -1, length).sum(-1) if length is not None
-                            else _variable_block_sums(weights, None, cell_bounds.expand(groups, -1)))
-            gathered = None   # (key order, weights in it): consecutive orders over the same keys gather once
-            for i, (_, kv_order) in enumerate(orders):
-                if cells is not None and i in shared:
-                    per_block = per_cell.new_zeros(groups, count, n_k).index_add_(2, cells[2][shared.index(i)], per_cell)
-                elif kv_order.dim() == 1 and k_bounds[i] is None:
-                    per_block = _block_sums(weights.index_select(-1, kv_order), n_k, bk)
+                            else _scatter_sums(weights, cell_of_key[None], len(cell_blocks[0])))
+            for i in range(len(orders)):
+                if i in key_blocks:
+                    index = key_blocks[i] if key_blocks[i].shape[0] == 1 else key_blocks[i][group]
+                    per_block = _scatter_sums(weights, index, counts[i][1])
                 else:
-                    if gathered is None or gathered[0] is not kv_order:
-                        order = kv_order.expand(batch, heads, seq).reshape(batch * heads, seq)[group]
-                        gathered = kv_order, weights.gather(-1, order[:, None, :].expand_as(weights))
-                    in_order = gathered[1]
-                    per_block = (_block_sums(in_order, n_k, bk) if k_bounds[i] is None
-                                 else _variable_block_sums(in_order, None, k_bounds[i][group]))
+                    per_block = per_cell.new_zeros(groups, count, n_k).index_add_(2, cell_blocks[shared.index(i)], per_cell)
                 target = q_blocks[i][..., chunk]
                 if target.shape[0] == 1:
                     masses[i][group].index_add_(1, target[0], per_block)
@@ -221,35 +217,18 @@ def _per_head(order: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     return order.view(1, -1) if order.dim() == 1 else order.expand(batch, heads, -1).reshape(batch * heads, -1)
 
 
-def _variable_block_sums(weights: torch.Tensor, order: torch.Tensor | None, bounds: torch.Tensor) -> torch.Tensor:
-    """``[G, R, S]`` weights (original key order) summed over the variable key blocks of ``order``
-    (``[G, S]``; ``None``: the original order) that ``bounds`` (``[G, n + 1]``) delimit: differences
-    of the running sum in key order, in fp64, a few rows at a time (memory stays about that of
-    ``weights``)."""
-    groups, count, seq = weights.shape
-    out = weights.new_empty(groups, count, bounds.shape[-1] - 1)
-    step = max(1, count // 4)
-    for first in range(0, count, step):
-        rows = weights[:, first : first + step]
-        if order is not None:
-            rows = rows.gather(-1, order[:, None, :].expand_as(rows))
-        running = rows.double().cumsum_(-1)
-        running = torch.nn.functional.pad(running, (1, 0))
-        at = running.gather(-1, bounds[:, None, :].expand(groups, rows.shape[1], -1))
-        out[:, first : first + step] = at[..., 1:] - at[..., :-1]
-    return out
-
-
-def _block_sums(x: torch.Tensor, n_blocks: int, block: int) -> torch.Tensor:
-    """``[..., S]`` summed over consecutive blocks of ``block`` (the last one padded)."""
-    return _pad_last(x, n_blocks * block).view(*x.shape[:-1], n_blocks, block).sum(-1)
+def _scatter_sums(weights: torch.Tensor, key_blocks: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """``[G, R, S]`` weights summed into ``[G, R, n_blocks]`` by ``key_blocks`` (``[G|1, S]``: the
+    block of each key)."""
+    index = key_blocks[:, None, :].expand_as(weights)
+    return weights.new_zeros(*weights.shape[:2], n_blocks).scatter_add_(-1, index, weights)
 
 
 def _shared_cells(kv_orders: list[torch.Tensor], block: int) -> tuple[int | None, torch.Tensor, list[torch.Tensor]] | None:
     """The cells of keys that share a block in every one of ``kv_orders`` (each ``[S]``): runs of
-    keys in the original order, ``(length, bounds, [key block of each cell per order])``, ``length``
-    their one length (``None`` when they differ; ``bounds`` ``[nC + 1]`` delimit them); ``None`` when
-    they are too short to save work (fewer than two keys on average)."""
+    keys in the original order, ``(length, cell of each key [S], [key block of each cell per order])``,
+    ``length`` their one length (``None`` when they differ); ``None`` when they are too short to save
+    work (fewer than two keys on average)."""
     seq = kv_orders[0].shape[0]
     block_of = torch.stack([torch.argsort(order) // block for order in kv_orders])          # [O, S]
     starts = torch.ones(seq, dtype=torch.bool, device=block_of.device)
@@ -259,9 +238,5 @@ def _shared_cells(kv_orders: list[torch.Tensor], block: int) -> tuple[int | None
     if positions.numel() * 2 > seq:
         return None
     length = int(lengths[0]) if bool((lengths == lengths[0]).all()) else None
-    bounds = torch.cat([positions, torch.tensor([seq], device=positions.device)])
-    return length, bounds, list(block_of[:, positions])
+    return length, starts.long().cumsum(0) - 1, list(block_of[:, positions])
 
-
-def _pad_last(x: torch.Tensor, length: int) -> torch.Tensor:
-    return x if x.shape[-1] == length else torch.nn.functional.pad(x, (0, length - x.shape[-1]))

@@ -168,9 +168,14 @@ def test_count_budget_ranking_matches_the_rule_entry_by_entry(seed):
     if seed == 5:
         thresholds[1] = math.inf                                                  # a row that keeps nothing
     mass = None if seed % 2 else torch.randint(0, 3, (1, 2, n_q, n_k), generator=generator).float() / 3
+    heads = mass.shape[:2] if mass is not None else (1, 1)
+    ranking = _Ranking.of(thresholds, mass)           # one ranking serves every count and stripe
+    stripe = torch.rand(n_k, generator=generator) < 0.3
     for keep in (0, n_q, n_q * n_k // 3, n_q * n_k):
-        assert torch.equal(_Ranking.of(thresholds, mass).smallest(keep).expand(*(mass.shape[:2] if mass is not None else (1, 1)), n_q, n_k),
+        assert torch.equal(ranking.smallest(keep).expand(*heads, n_q, n_k),
                            _smallest_thresholds_by_rule(thresholds, keep, mass)), keep
+        assert torch.equal(ranking.smallest(keep, stripe).expand(*heads, n_q, n_k),
+                           _smallest_thresholds_by_rule(thresholds.masked_fill(stripe, -math.inf), keep, mass)), keep
 
 
 def test_solve_window_top_p_is_the_smallest_window_reaching_p():

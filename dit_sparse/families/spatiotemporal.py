@@ -30,7 +30,7 @@ from ..budget import Budget
 from ..layout import TileShape, TokenLayout
 from ..scoring import BestPerHead
 from .cells import CellGrid
-from .window import solve_window
+from .window import WindowRule, solve_window
 
 FRAME_COSTS = (0.0, 1.0, 4.0, 16.0, math.inf)
 
@@ -76,7 +76,7 @@ def spatiotemporal_block_mask(
         [8]
     """
     thresholds = spatiotemporal_thresholds(layout, tile, block_size, frame_cost)
-    return solve_window(_with_sinks(thresholds, sink_blocks), budget, layout, block_size, mass)
+    return solve_window(thresholds, budget, layout, block_size, mass, sinks=sink_blocks)
 
 
 def fit_spatiotemporal(
@@ -110,12 +110,12 @@ def fit_windows(
     bests = [BestPerHead(one, layout, block_size) for one in budgets]
     sinks = [sink_key_blocks(mass, layout, block_size, _stripe_count(layout, block_size, one)) if stripes else None
              for one in budgets]
-    for rule in thresholds:
-        plain = solve_window(rule, budgets, layout, block_size, mass)
-        for best, one, mask, stripe in zip(bests, budgets, plain, sinks, strict=True):
+    for thresholds_of_rule in thresholds:
+        rule = WindowRule(thresholds_of_rule, layout, block_size, mass)
+        for best, one, mask, stripe in zip(bests, budgets, rule.masks(budgets), sinks, strict=True):
             best.offer(mask, mass)
             if stripe is not None:
-                best.offer(solve_window(_with_sinks(rule, stripe), one, layout, block_size, mass), mass)
+                best.offer(rule.masks([one], stripe)[0], mass)
     return bests[0] if isinstance(budget, Budget) else bests
 
 
@@ -153,10 +153,6 @@ def _stripe_count(layout: TokenLayout, block_size: tuple[int, int], budget: Budg
     if budget.is_mass:
         return max(1, n_k // 32)
     return max(1, budget.blocks_per_row(layout.seq_len, max(n_k, 1), block_size[1]) // 4)
-
-
-def _with_sinks(thresholds: torch.Tensor, sink_blocks: torch.Tensor | None) -> torch.Tensor:
-    return thresholds if sink_blocks is None else thresholds.masked_fill(sink_blocks[..., None, :], float("-inf"))
 
 
 def sink_key_blocks(mass: torch.Tensor, layout: TokenLayout, block_size: tuple[int, int], count: int) -> torch.Tensor:

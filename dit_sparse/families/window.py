@@ -25,6 +25,7 @@ def solve_window(
     layout: TokenLayout,
     block_size: tuple[int, int],
     mass: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor | list[torch.Tensor]:
     """The block mask ``thresholds <= window`` for the window that serves ``budget``.
 
@@ -36,6 +37,8 @@ def solve_window(
             count); ``top_p`` takes, per head, the smallest window whose measured recall reaches
             ``top_p``. A list of budgets gives a list of masks, the block pairs ranked once.
         mass: ``[B, H, nQ, nK]`` measured block mass (needed for ``top_p``).
+        sinks: boolean ``[..., nK]`` key blocks every query keeps (a vertical stripe), counted in
+            the budget.
 
     Example::
 
@@ -50,44 +53,76 @@ def solve_window(
         [4, 8]
     """
     budgets = [budget] if isinstance(budget, Budget) else list(budget)
-    n_q, n_k = layout.num_video_blocks(block_size[0]), layout.num_video_blocks(block_size[1])
-    video = thresholds[..., :n_q, :n_k]
-    ranking = None
-    masks = []
-    for one in budgets:
-        if video.numel() == 0:  # every query or every key block holds text: all are kept
-            masks.append(torch.ones_like(thresholds, dtype=torch.bool))
-        elif one.is_mass:
-            if mass is None:
-                raise ValueError("a top_p budget on a static family needs the measured block mass (mass=...)")
-            window = _window_reaching_recall(video.expand(*mass.shape[:-2], n_q, n_k), mass, one.top_p, layout, block_size[0])
-            masks.append(thresholds <= window[..., None, None])
-        else:
-            if ranking is None:
-                ranking = _Ranking.of(video, None if mass is None else mass[..., :n_q, :n_k])
-            chosen = ranking.smallest(one.blocks_per_row(layout.seq_len, max(n_k, 1), block_size[1]) * n_q)
-            mask = (thresholds == float("-inf")).expand(*chosen.shape[:-2], *thresholds.shape[-2:]).clone()
-            mask[..., :n_q, :n_k] = chosen
-            masks.append(mask)
+    masks = WindowRule(thresholds, layout, block_size, mass).masks(budgets, sinks)
     return masks[0] if isinstance(budget, Budget) else masks
+
+
+class WindowRule:
+    """One static rule's block pairs on one measured mass, ranked once for the masks of any number
+    of budgets, with or without a vertical stripe (see :func:`solve_window`).
+
+    Example::
+
+        >>> layout = TokenLayout((1, 8, 8))
+        >>> rule = WindowRule((torch.arange(4)[:, None] - torch.arange(4)[None, :]).abs().double(), layout, (16, 16))
+        >>> [m.sum().item() for m in rule.masks([Budget(density=0.25), Budget(density=0.5)])]
+        [4, 8]
+        >>> rule.masks([Budget(density=0.5)], sinks=torch.tensor([True, False, False, False]))[0][:, 0].tolist()
+        [True, True, True, True]
+    """
+
+    def __init__(
+        self, thresholds: torch.Tensor, layout: TokenLayout, block_size: tuple[int, int], mass: torch.Tensor | None = None
+    ) -> None:
+        self.thresholds, self.layout, self.block_size, self.mass = thresholds, layout, block_size, mass
+        self.n_q, self.n_k = layout.num_video_blocks(block_size[0]), layout.num_video_blocks(block_size[1])
+        self._ranking: _Ranking | None = None
+
+    def masks(self, budgets: Sequence[Budget], sinks: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """One block mask per budget; ``sinks`` (boolean ``[..., nK]``) key blocks every query keeps."""
+        n_q, n_k, mass = self.n_q, self.n_k, self.mass
+        thresholds = _with_sinks(self.thresholds, sinks)
+        video = thresholds[..., :n_q, :n_k]
+        masks = []
+        for one in budgets:
+            if video.numel() == 0:  # every query or every key block holds text: all are kept
+                masks.append(torch.ones_like(thresholds, dtype=torch.bool))
+            elif one.is_mass:
+                if mass is None:
+                    raise ValueError("a top_p budget on a static family needs the measured block mass (mass=...)")
+                window = _window_reaching_recall(
+                    video.expand(*mass.shape[:-2], n_q, n_k), mass, one.top_p, self.layout, self.block_size[0]
+                )
+                masks.append(thresholds <= window[..., None, None])
+            else:
+                if self._ranking is None:
+                    self._ranking = _Ranking.of(
+                        self.thresholds[..., :n_q, :n_k], None if mass is None else mass[..., :n_q, :n_k]
+                    )
+                keep = one.blocks_per_row(self.layout.seq_len, max(n_k, 1), self.block_size[1]) * n_q
+                chosen = self._ranking.smallest(keep, None if sinks is None else sinks[..., :n_k])
+                mask = (thresholds == float("-inf")).expand(*chosen.shape[:-2], *thresholds.shape[-2:]).clone()
+                mask[..., :n_q, :n_k] = chosen
+                masks.append(mask)
+        return masks
 
 
 @dataclass(frozen=True)
 class _Ranking:
     """Block pairs in the order a count budget takes them: every ``-inf`` entry, each row's best
     entry, then the others; within each tier the smallest threshold first, ties broken by the
-    largest ``mass``, else by the distance from the block diagonal, then by position.
+    largest ``mass``, else by the distance from the block diagonal, then by position (thresholds
+    equal to 1e-9 tie). The pairs are sorted once by (threshold, tie, position); the tiers, which a stripe of always-kept key blocks
+    changes, are applied by :meth:`smallest`.
 
     Attributes:
-        order: ``[..., nQ * nK]`` flat positions in that order.
-        tier, thresholds: ``[..., nQ * nK]`` of each entry of ``order``.
-        shape: ``(nQ, nK)``.
+        thresholds, tie: ``[..., nQ, nK]`` (expanded to the mass's heads when it is given).
+        order: ``[..., nQ * nK]`` flat positions sorted by (threshold, tie, position).
     """
 
-    order: torch.Tensor
-    tier: torch.Tensor
     thresholds: torch.Tensor
-    shape: tuple[int, int]
+    tie: torch.Tensor
+    order: torch.Tensor
 
     @classmethod
     def of(cls, thresholds: torch.Tensor, mass: torch.Tensor | None) -> _Ranking:
@@ -97,22 +132,31 @@ class _Ranking:
         else:
             diagonal = torch.arange(n_q, device=thresholds.device)[:, None] * (n_k / n_q)
             tie = (diagonal - torch.arange(n_k, device=thresholds.device)[None, :]).abs().expand_as(thresholds)
-        tier = torch.where(thresholds == float("-inf"), 0, torch.where(_row_best(thresholds, tie), 1, 2))
-        # (tier, threshold) as one key: finite thresholds lie within +-span, infinite ones map to +-2 span
-        finite = thresholds[thresholds.isfinite()]
-        span = float(finite.abs().max()) + 1 if finite.numel() else 1.0
-        major = tier * (4 * span) + thresholds.clamp(-2 * span, 2 * span)
-        flat_major, flat_tie, flat_thresholds = (x.flatten(-2) for x in (major, tie, thresholds))
-        order = flat_tie.argsort(dim=-1, stable=True)
-        order = order.gather(-1, flat_major.gather(-1, order).argsort(dim=-1, stable=True))
-        return cls(order, tier.flatten(-2).gather(-1, order), flat_thresholds.gather(-1, order), (n_q, n_k))
+        # distances computed along different paths may differ in their last bits: equal to 1e-9, they tie
+        flat_thresholds = thresholds.flatten(-2).round(decimals=9)
+        order = tie.flatten(-2).argsort(dim=-1, stable=True)
+        order = order.gather(-1, flat_thresholds.gather(-1, order).argsort(dim=-1, stable=True))
+        return cls(thresholds, tie, order)
 
-    def smallest(self, keep: int) -> torch.Tensor:
-        """Boolean ``[..., nQ, nK]``: every ``-inf`` entry, then the first ``keep`` entries in all
-        (never an ``inf``)."""
-        rank = torch.arange(self.order.shape[-1], device=self.order.device)
-        take = ((rank < keep) & (self.thresholds < float("inf"))) | (self.tier == 0)
-        return torch.zeros_like(take).scatter_(-1, self.order, take).unflatten(-1, self.shape)
+    def smallest(self, keep: int, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """Boolean ``[..., nQ, nK]``: every ``-inf`` entry (``sinks``, boolean ``[..., nK]``, make
+        their columns ``-inf``), then the first ``keep`` entries in all (never an ``inf``)."""
+        thresholds = _with_sinks(self.thresholds, sinks)
+        tie = self.tie.expand_as(thresholds)
+        tier = torch.where(thresholds == float("-inf"), 0, torch.where(_row_best(thresholds, tie), 1, 2)).flatten(-2)
+        order = self.order.expand_as(tier)
+        ranked_tier = tier.gather(-1, order)
+        before_one = (tier == 0).sum(-1, keepdim=True)
+        before_two = before_one + (tier == 1).sum(-1, keepdim=True)
+        rank = torch.where(ranked_tier == 1, before_one + (ranked_tier == 1).cumsum(-1),
+                           before_two + (ranked_tier == 2).cumsum(-1)) - 1
+        finite = thresholds.flatten(-2).gather(-1, order) < float("inf")
+        take = (ranked_tier == 0) | ((rank < keep) & finite)
+        return torch.zeros_like(take).scatter_(-1, order, take).unflatten(-1, thresholds.shape[-2:])
+
+
+def _with_sinks(thresholds: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    return thresholds if sinks is None else thresholds.masked_fill(sinks[..., None, :], float("-inf"))
 
 
 def _row_best(thresholds: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
