@@ -4,12 +4,14 @@ Only the kept blocks are computed. Query blocks are grouped by how many key bloc
 for a chunk of query blocks with the same count, their queries and their key and value blocks are
 gathered into small per-thread buffers (sized to stay in cache, reused across chunks and calls) and
 one batched ``scaled_dot_product_attention`` runs over them; the chunk's output is written straight
-to its rows of the result. Query blocks that attend every key block attend the keys in place.
+to its rows of the result. Query blocks that attend every key block attend the keys in place, and so
+do chunks of rows whose key blocks are one run each, starting equally far apart (a strided view).
 
 The token gathers into each head's order are part of the kernel: ``q_rows`` and ``kv_rows`` say
 which row of ``x.reshape(-1, D)`` holds each (batch, head, position in the plan's order), so inputs
 in diffusers' ``(B, S, H, D)`` layout need no head-major copy, and the output comes back in ``q``'s
-layout. Keys and values are gathered once, into block-major buffers; queries chunk by chunk.
+layout. Keys and values are gathered once, into block-major buffers kept per thread across calls;
+queries chunk by chunk.
 
 Layouts (the sequence in the plan's token order unless ``q_rows``/``kv_rows`` say otherwise):
     q, k, v      [B, H, S, D], or any contiguous tensor with rows of D when q_rows/kv_rows are given
@@ -33,6 +35,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache, partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +96,7 @@ def block_sparse_attention_torch(
         kv_rows = _identity_rows(k) if kv_rows is None else kv_rows
         kv_index = kv_rows.reshape(batch * heads, seq).gather(1, kv_pos).reshape(-1)
         k_blocks, v_blocks = (
-            x.contiguous().view(-1, dim).index_select(0, kv_index).view(batch * heads * n_k, bk * dim) for x in (k, v)
+            _gather_rows(x, kv_index, name).view(batch * heads * n_k, bk * dim) for name, x in (("k_blocks", k), ("v_blocks", v))
         )
     limit = _valid_limit(batch, seq, kv_valid_len, q.device)
     key_ok = (kv_real & (kv_pos < limit.repeat_interleave(heads)[:, None])).view(batch * heads, n_k, bk)
@@ -115,7 +118,12 @@ def block_sparse_attention_torch(
 
     sparse_rows = torch.nonzero(live & ~full).squeeze(1)
     if sparse_rows.numel():
-        chunks = _chunks(sparse_rows, counts[sparse_rows], bk * dim)
+        row_counts = counts[sparse_rows]
+        first, last = (indices[offsets[sparse_rows] + i] for i in (0, row_counts - 1))
+        # rows whose key blocks are one run read them in place: a chunk of such rows whose runs start
+        # a constant number of blocks apart is a strided view of the key (and value) blocks
+        run_starts = torch.where(last - first + 1 == row_counts, sparse_rows // n_q * n_k + first, -1)
+        chunks = _chunks(sparse_rows, row_counts, run_starts, bk * dim)
         work = partial(
             _attend_gathered, q_src, q_index, out_index, k_blocks, v_blocks, key_ok, offsets, indices, out,
             n_q, n_k, scale, chunks,
@@ -169,42 +177,73 @@ class _SharedCounter:
             return self._next - 1
 
 
-def _chunks(rows: torch.Tensor, counts: torch.Tensor, block_elements: int) -> list[tuple[int, torch.Tensor]]:
-    """Rows grouped by key-block count, cut so that each chunk gathers about CHUNK_ELEMENTS; the
-    largest counts first."""
-    order = torch.argsort(counts, descending=True, stable=True)
-    rows, counts = rows[order], counts[order]
-    values, sizes = torch.unique_consecutive(counts, return_counts=True)
+class _Chunk(NamedTuple):
+    """Query-block rows that each attend ``count`` key blocks, computed in one batched call. With
+    ``run_start`` set, row ``i``'s key blocks are blocks ``run_start + i * run_step ..`` of the
+    block-major keys, read in place; otherwise they are gathered."""
+
+    count: int
+    rows: torch.Tensor
+    run_start: int | None = None
+    run_step: int = 0
+
+
+def _chunks(rows: torch.Tensor, counts: torch.Tensor, run_starts: torch.Tensor, block_elements: int) -> list[_Chunk]:
+    """Rows grouped by key-block count, cut so that each chunk holds about CHUNK_ELEMENTS of keys;
+    the largest counts first. Rows whose key blocks are one run (``run_starts`` >= 0: the run's
+    first block in the block-major keys) go in chunks whose runs start equally far apart."""
+    in_run = run_starts >= 0
+    order = torch.argsort(-counts * (run_starts.max() + 2) + run_starts, stable=True)
     chunks = []
-    for count, group in zip(values.tolist(), torch.split(rows, sizes.tolist())):
+    for count, group, starts in _groups(rows[order], counts[order], run_starts[order], in_run[order]):
         per_chunk = max(1, CHUNK_ELEMENTS // (count * block_elements))
-        chunks.extend((count, r) for r in torch.split(group, per_chunk))
+        if starts is None:
+            chunks.extend(_Chunk(count, r) for r in torch.split(group, per_chunk))
+            continue
+        begin = 0
+        for end in range(1, len(starts) + 1):
+            step = starts[begin + 1] - starts[begin] if end - begin > 1 else 0
+            if end == len(starts) or end - begin == per_chunk or (end - begin > 1 and starts[end] - starts[end - 1] != step):
+                chunks.append(_Chunk(count, group[begin:end], starts[begin], step))
+                begin = end
     return chunks
+
+
+def _groups(rows, counts, run_starts, in_run):
+    """``(count, rows, run starts as a list or None)`` for each run of equal counts and kinds."""
+    kinds = counts * 2 + in_run
+    values, sizes = torch.unique_consecutive(kinds, return_counts=True)
+    for kind, group, starts in zip(values.tolist(), torch.split(rows, sizes.tolist()), torch.split(run_starts, sizes.tolist())):
+        yield kind // 2, group, starts.tolist() if kind % 2 else None
 
 
 def _attend_gathered(
     q_src, q_index, out_index, k_blocks, v_blocks, key_ok, offsets, indices, out, n_q, n_k, scale, chunks, todo
 ):
-    """For each chunk number in ``todo`` (rows that attend ``count`` key blocks each): gather the
-    chunk's queries and key and value blocks into this thread's buffers, attend, and write its rows
-    of the output."""
+    """For each chunk number in ``todo``: gather the chunk's queries (and, unless they are read in
+    place, its key and value blocks) into this thread's buffers, attend, and write its rows of the
+    output."""
     bq, bk, dim = q_index.shape[1], key_ok.shape[-1], q_src.shape[1]
-    size = max(count * r.numel() for count, r in chunks)
-    q_buf = _buffer("q", max(r.numel() for _, r in chunks) * bq * dim, q_src)
+    gathered = [c for c in chunks if c.run_start is None]
+    size = max((c.count * c.rows.numel() for c in gathered), default=0)
+    q_buf = _buffer("q", max(c.rows.numel() for c in chunks) * bq * dim, q_src)
     k_buf = _buffer("k", size * bk * dim, q_src)
     v_buf = _buffer("v", size * bk * dim, q_src)
     for i in todo:
-        count, r = chunks[i]
+        count, r, run_start, run_step = chunks[i]
         n = r.numel()
         blocks = indices[offsets[r][:, None] + torch.arange(count, device=r.device)]
         bh = r // n_q
-        src = (bh[:, None] * n_k + blocks).reshape(-1)
         qs = q_buf[: n * bq * dim].view(n * bq, dim)
-        ks = k_buf[: n * count * bk * dim].view(n * count, bk * dim)
-        vs = v_buf[: n * count * bk * dim].view(n * count, bk * dim)
         torch.index_select(q_src, 0, q_index[r].reshape(-1), out=qs)
-        torch.index_select(k_blocks, 0, src, out=ks)
-        torch.index_select(v_blocks, 0, src, out=vs)
+        if run_start is None:
+            src = (bh[:, None] * n_k + blocks).reshape(-1)
+            ks = k_buf[: n * count * bk * dim].view(n * count, bk * dim)
+            vs = v_buf[: n * count * bk * dim].view(n * count, bk * dim)
+            torch.index_select(k_blocks, 0, src, out=ks)
+            torch.index_select(v_blocks, 0, src, out=vs)
+        else:
+            ks, vs = (_run_view(x, run_start, run_step, n, count) for x in (k_blocks, v_blocks))
         mask = key_ok[bh[:, None], blocks]
         mask = None if bool(mask.all()) else mask.reshape(n, 1, 1, count * bk)
         o = F.scaled_dot_product_attention(
@@ -212,6 +251,21 @@ def _attend_gathered(
             attn_mask=mask, scale=scale,
         )
         out.index_copy_(0, out_index[r].reshape(-1), o.view(n * bq, dim))
+
+
+def _run_view(blocks: torch.Tensor, start: int, step: int, n: int, count: int) -> torch.Tensor:
+    """``[n, count * block * D]`` over the rows of ``blocks`` ``[N, block * D]``, without a copy:
+    entry ``i`` holds rows ``start + i * step`` onwards (entries overlap when ``step < count``)."""
+    row = blocks.shape[1]
+    return blocks.as_strided((n, count * row), (step * row, 1), blocks.storage_offset() + start * row)
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor, name: str) -> torch.Tensor:
+    """``x.reshape(-1, D)[index]`` in this thread's buffer ``name``, kept across calls: a fresh
+    tensor of this size costs its page faults on every call."""
+    dim = x.shape[-1]
+    out = _buffer(name, index.numel() * dim, x)[: index.numel() * dim].view(-1, dim)
+    return torch.index_select(x.contiguous().view(-1, dim), 0, index, out=out)
 
 
 _BUFFERS = threading.local()

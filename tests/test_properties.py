@@ -4,7 +4,8 @@ reference on random layouts and plans.
 Layouts: random video grids (odd sizes, single frames), text first or last with per-element
 padding, batch and heads. Plans: block sizes 16 to 128 (partial last blocks), fixed blocks or
 variable ones (random boundaries per head, empty blocks included, as cluster-aligned plans have),
-random token orders, random block masks with rows forced empty and rows forced full, per element
+random token orders, random block masks or bands (each row one run of key blocks), with rows forced
+empty and rows forced full, per element
 or shared by the batch. fp32 and bf16. The Triton kernels run in Triton's interpreter at small shapes when CUDA is
 absent.
 
@@ -59,7 +60,13 @@ def cases(draw, max_video: int = 400, max_text: int = 40, head_dims=(16, 32, 48)
         if draw(st.booleans()):
             starts[name] = random_starts(layout, size, heads, plan_batch, g)
     n_q, n_k = (layout.num_blocks(size) if s is None else s.shape[-1] - 1 for s, size in zip(starts.values(), block))
-    mask = torch.rand(plan_batch, heads, n_q, n_k, generator=g) < draw(st.floats(0.0, 1.0))
+    if draw(st.booleans()):
+        mask = torch.rand(plan_batch, heads, n_q, n_k, generator=g) < draw(st.floats(0.0, 1.0))
+    else:  # bands: each row's key blocks one run, the runs' starts equally far apart up to the edges
+        width, step, shift = draw(st.integers(1, n_k)), draw(st.integers(0, 2)), draw(st.integers(-n_k, n_k))
+        start = (torch.arange(n_q) * step + shift).clamp(0, n_k - width)
+        band = (torch.arange(n_k) >= start[:, None]) & (torch.arange(n_k) < start[:, None] + width)
+        mask = band.expand(plan_batch, heads, n_q, n_k).clone()
     rows = mask.view(-1, n_k)
     for _ in range(draw(st.integers(0, 3))):  # forced empty rows and forced full rows
         rows[int(torch.randint(rows.shape[0], (1,), generator=g))] = draw(st.booleans())
