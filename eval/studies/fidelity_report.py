@@ -208,12 +208,22 @@ def _budget_order(row: dict[str, Any]) -> tuple[int, float]:
 
 
 def _prompt_counts(results: dict[str, Any]) -> str:
-    counts = {part: r["prompts"] for run in results["runs"].values() for r in run["rows"] for part in [r["part"]]}
-    pareto = counts.pop("pareto", None)
-    others = sorted(set(counts.values()))
-    if pareto is None or others in ([], [pareto]):
-        return f"{pareto or others[0]} held-out prompts"
-    return f"{pareto} held-out prompts for the Pareto part, the first {others[0]} of them for the others"
+    """How many held-out prompts each part ran on: one number, or the parts grouped by it."""
+    counts: dict[str, int] = {}
+    for run in results["runs"].values():
+        for row in run["rows"]:
+            counts[row["part"]] = min(counts.get(row["part"], row["prompts"]), row["prompts"])
+    groups = sorted({n for n in counts.values()}, reverse=True)
+    if len(groups) == 1:
+        return f"{groups[0]} held-out prompts"
+    names = {"pareto": "Pareto", "aging": "plan aging", "warmup": "warm-up", "length": "length"}
+    parts = []
+    for n in groups:
+        these = [names[part] for part in PART_TITLES if counts.get(part) == n]
+        parts.append(f"the {' and '.join(these)} part{'s' if len(these) > 1 else ''}")
+    return f"{groups[0]} held-out prompts for {parts[0]}, " + ", ".join(
+        f"the first {n} of them for {names}" for n, names in zip(groups[1:], parts[1:])
+    )
 
 
 def findings(results: dict[str, Any]) -> list[str]:
