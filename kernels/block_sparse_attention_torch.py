@@ -192,29 +192,36 @@ def _chunks(rows: torch.Tensor, counts: torch.Tensor, run_starts: torch.Tensor, 
     """Rows grouped by key-block count, cut so that each chunk holds about CHUNK_ELEMENTS of keys;
     the largest counts first. Rows whose key blocks are one run (``run_starts`` >= 0: the run's
     first block in the block-major keys) go in chunks whose runs start equally far apart."""
-    in_run = run_starts >= 0
     order = torch.argsort(-counts * (run_starts.max() + 2) + run_starts, stable=True)
     chunks = []
-    for count, group, starts in _groups(rows[order], counts[order], run_starts[order], in_run[order]):
+    for count, group, starts in _groups(rows[order], counts[order], run_starts[order]):
         per_chunk = max(1, CHUNK_ELEMENTS // (count * block_elements))
         if starts is None:
             chunks.extend(_Chunk(count, r) for r in torch.split(group, per_chunk))
-            continue
-        begin = 0
-        for end in range(1, len(starts) + 1):
-            step = starts[begin + 1] - starts[begin] if end - begin > 1 else 0
-            if end == len(starts) or end - begin == per_chunk or (end - begin > 1 and starts[end] - starts[end - 1] != step):
-                chunks.append(_Chunk(count, group[begin:end], starts[begin], step))
-                begin = end
+        else:
+            chunks.extend(_Chunk(count, group[b:e], starts[b], step) for b, e, step in _equal_steps(starts, per_chunk))
     return chunks
 
 
-def _groups(rows, counts, run_starts, in_run):
-    """``(count, rows, run starts as a list or None)`` for each run of equal counts and kinds."""
-    kinds = counts * 2 + in_run
+def _groups(rows, counts, run_starts):
+    """``(count, rows, run starts as a list or None)`` for each stretch of equal counts whose rows
+    all are (or all are not) one run."""
+    kinds = counts * 2 + (run_starts >= 0)
     values, sizes = torch.unique_consecutive(kinds, return_counts=True)
     for kind, group, starts in zip(values.tolist(), torch.split(rows, sizes.tolist()), torch.split(run_starts, sizes.tolist())):
         yield kind // 2, group, starts.tolist() if kind % 2 else None
+
+
+def _equal_steps(starts: list[int], limit: int):
+    """``(begin, end, step)`` cutting ``starts`` into stretches of at most ``limit`` that each
+    advance by one ``step`` (0 for a stretch of one)."""
+    begin = 0
+    for end in range(1, len(starts) + 1):
+        step = starts[begin + 1] - starts[begin] if end - begin > 1 else 0
+        grows = end < len(starts) and end - begin < limit and (end - begin == 1 or starts[end] - starts[end - 1] == step)
+        if not grows:
+            yield begin, end, step
+            begin = end
 
 
 def _attend_gathered(

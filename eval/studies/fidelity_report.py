@@ -222,7 +222,7 @@ def _prompt_counts(results: dict[str, Any]) -> str:
         these = [names[part] for part in PART_TITLES if counts.get(part) == n]
         parts.append(f"the {' and '.join(these)} part{'s' if len(these) > 1 else ''}")
     return f"{groups[0]} held-out prompts for {parts[0]}, " + ", ".join(
-        f"the first {n} of them for {names}" for n, names in zip(groups[1:], parts[1:])
+        f"the first {n} of them for {these}" for n, these in zip(groups[1:], parts[1:])
     )
 
 
