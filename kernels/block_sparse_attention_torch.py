@@ -31,6 +31,7 @@ are masked out (keys) or discarded (queries).
 
 from __future__ import annotations
 
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -125,7 +126,7 @@ def block_sparse_attention_torch(
         run_starts = torch.where(last - first + 1 == row_counts, sparse_rows // n_q * n_k + first, -1)
         chunks = _chunks(sparse_rows, row_counts, run_starts, bk * dim)
         work = partial(
-            _attend_gathered, q_src, q_index, out_index, k_blocks, v_blocks, key_ok, offsets, indices, out,
+            _attend_chunks, q_src, q_index, out_index, k_blocks, v_blocks, key_ok, offsets, indices, out,
             n_q, n_k, scale, chunks,
         )
         workers = min(torch.get_num_threads(), len(chunks)) if q.device.type == "cpu" else 1
@@ -224,31 +225,25 @@ def _equal_steps(starts: list[int], limit: int):
             begin = end
 
 
-def _attend_gathered(
+def _attend_chunks(
     q_src, q_index, out_index, k_blocks, v_blocks, key_ok, offsets, indices, out, n_q, n_k, scale, chunks, todo
 ):
     """For each chunk number in ``todo``: gather the chunk's queries (and, unless they are read in
     place, its key and value blocks) into this thread's buffers, attend, and write its rows of the
     output."""
     bq, bk, dim = q_index.shape[1], key_ok.shape[-1], q_src.shape[1]
-    gathered = [c for c in chunks if c.run_start is None]
-    size = max((c.count * c.rows.numel() for c in gathered), default=0)
-    q_buf = _buffer("q", max(c.rows.numel() for c in chunks) * bq * dim, q_src)
-    k_buf = _buffer("k", size * bk * dim, q_src)
-    v_buf = _buffer("v", size * bk * dim, q_src)
+    most_rows = max(c.rows.numel() for c in chunks)
+    most_blocks = max((c.count * c.rows.numel() for c in chunks if c.run_start is None), default=0)
     for i in todo:
         count, r, run_start, run_step = chunks[i]
         n = r.numel()
         blocks = indices[offsets[r][:, None] + torch.arange(count, device=r.device)]
         bh = r // n_q
-        qs = q_buf[: n * bq * dim].view(n * bq, dim)
-        torch.index_select(q_src, 0, q_index[r].reshape(-1), out=qs)
+        qs = torch.index_select(q_src, 0, q_index[r].reshape(-1), out=_buffer("q", (most_rows * bq, dim), q_src)[: n * bq])
         if run_start is None:
             src = (bh[:, None] * n_k + blocks).reshape(-1)
-            ks = k_buf[: n * count * bk * dim].view(n * count, bk * dim)
-            vs = v_buf[: n * count * bk * dim].view(n * count, bk * dim)
-            torch.index_select(k_blocks, 0, src, out=ks)
-            torch.index_select(v_blocks, 0, src, out=vs)
+            ks, vs = (torch.index_select(x, 0, src, out=_buffer(name, (most_blocks, bk * dim), x)[: n * count])
+                      for name, x in (("k", k_blocks), ("v", v_blocks)))
         else:
             ks, vs = (_run_view(x, run_start, run_step, n, count) for x in (k_blocks, v_blocks))
         mask = key_ok[bh[:, None], blocks]
@@ -271,22 +266,22 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor, name: str) -> torch.Tenso
     """``x.reshape(-1, D)[index]`` in this thread's buffer ``name``, kept across calls: a fresh
     tensor of this size costs its page faults on every call."""
     dim = x.shape[-1]
-    out = _buffer(name, index.numel() * dim, x)[: index.numel() * dim].view(-1, dim)
-    return torch.index_select(x.contiguous().view(-1, dim), 0, index, out=out)
+    return torch.index_select(x.contiguous().view(-1, dim), 0, index, out=_buffer(name, (index.numel(), dim), x))
 
 
 _BUFFERS = threading.local()
 
 
-def _buffer(name: str, elements: int, like: torch.Tensor) -> torch.Tensor:
-    """A flat scratch buffer of at least ``elements``, kept per thread, dtype and device so that
-    chunks and calls reuse it (never shared between threads)."""
+def _buffer(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A scratch tensor of ``shape``: a view of a flat buffer kept per thread, dtype and device, so
+    that chunks and calls reuse it (never shared between threads)."""
     store = _BUFFERS.__dict__.setdefault("store", {})
     key = (name, like.dtype, like.device)
+    elements = math.prod(shape)
     buf = store.get(key)
     if buf is None or buf.numel() < elements:
         buf = store[key] = like.new_empty(elements)
-    return buf
+    return buf[:elements].view(shape)
 
 
 @contextmanager
