@@ -129,7 +129,19 @@ def test_the_error_check_changes_nothing_and_a_zero_bound_replans_at_every_check
     assert "| plan once, error checked every step | 0.0 |" in (out / "fidelity.md").read_text()
 
 
-def test_auto_is_matched_with_svg2_by_the_density_each_spent(study):
+def test_the_aging_finding_reads_the_first_worst_and_last_checked_step(study):
+    from dit_sparse.eval.studies.fidelity_report import findings, read_results
+
+    _, _, out, _ = study
+    changed = read_results(out / "results" / "fidelity.json")
+    checked = next(r for r in changed["runs"][changed["main_size"]]["rows"]
+                   if r["label"] == "plan once, error checked every step")
+    checked["checks"]["error_by_step"] = {"4": 0.2, "10": 0.3, "15": 0.1}
+    assert ("- A plan made once: its estimated attention error is 0.200 at step 4, 0.300 at its worst (step 10) "
+            "and 0.100 at step 15 (mean over layers).") in findings(changed)
+
+
+def test_auto_is_matched_with_each_peer_by_the_density_each_spent(study):
     from dit_sparse.eval.studies.fidelity_report import findings, read_results
 
     _, _, out, _ = study
@@ -137,10 +149,13 @@ def test_auto_is_matched_with_svg2_by_the_density_each_spent(study):
     rows = {row["label"]: row for row in changed["runs"][changed["main_size"]]["rows"] if row["part"] == "pareto"}
     rows["auto"].update(density=0.3, psnr=31.0)
     rows["svg2"].update(density=0.7, psnr=30.0)
-    assert ("- SVG2 asked for 1.0 spent 0.700: `auto` at density 1.0 (spent 0.300, at most half) 31.00 dB, at least "
-            "as high as SVG2's 30.00 dB.") in findings(changed)
-    rows["svg2"].update(density=0.5)   # auto spent more than half of SVG2's: no match
-    assert not any(line.startswith("- SVG2 asked for 1.0") for line in findings(changed))
+    assert ("- svg2 asked for 1.0 spent 0.700: `auto` spending no more (density 1.0, spent 0.300) 31.00 dB, at least "
+            "as high as its 30.00 dB; at most half (density 1.0, spent 0.300) 31.00 dB, at least as high as it.") in findings(changed)
+    rows["svg2"].update(density=0.5, psnr=32.0)   # auto spent more than half of SVG2's: the equal-spend match only
+    assert ("- svg2 asked for 1.0 spent 0.500: `auto` spending no more (density 1.0, spent 0.300) 31.00 dB, below "
+            "its 32.00 dB.") in findings(changed)
+    rows["svg2"].update(density=0.2)   # auto spent more than SVG2: no match
+    assert not any(line.startswith("- svg2 asked for 1.0") for line in findings(changed))
 
 
 def test_a_run_whose_dense_calls_spread_has_its_speedups_marked(study, tmp_path):

@@ -20,7 +20,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from dit_sparse import SparseAttentionConfig
-from dit_sparse.config import DEFAULT_DENSITY
+from dit_sparse.config import DEFAULT_DENSITY, PRESETS
 
 from ..machine import describe_machine
 from ..plots import save_figure
@@ -258,16 +258,7 @@ def findings(results: dict[str, Any]) -> list[str]:
         if over:
             lines.append(f"  Asked for {budget}, " + ", ".join(f"{r['label']} spent {_num(r['density'], 3)}" for r in over)
                          + ": equal requests are not equal spending (see the density column).")
-    for svg2 in (r for r in pareto if r["label"] in ("svg2", "svg2_own") and r["density"] is not None):
-        # by the density spent, which is what costs time: SVG2's preset spends far more than a request
-        half = [r for r in pareto if r["label"] == "auto" and r["density"] is not None
-                and r["density"] <= svg2["density"] / 2]
-        auto = max(half, key=lambda r: r["density"], default=None)   # the most it may spend: the fair match
-        if auto is not None:
-            word = "at least as high as" if _finite(auto["psnr"]) >= _finite(svg2["psnr"]) else "below"
-            lines.append(f"- SVG2 asked for {svg2['budget']} spent {_num(svg2['density'], 3)}: `auto` at density "
-                         f"{auto['budget']} (spent {_num(auto['density'], 3)}, at most half) {_num(auto['psnr'], 2)} dB, "
-                         f"{word} SVG2's {_num(svg2['psnr'], 2)} dB.")
+    lines += peer_matches(pareto)
     for part in ("aging", "warmup"):
         mine = [r for r in rows if r["part"] == part]
         if mine:
@@ -279,14 +270,47 @@ def findings(results: dict[str, Any]) -> list[str]:
     if once is not None:
         errors = once["checks"]["error_by_step"]
         first, last = min(errors, key=int), max(errors, key=int)
-        lines.append(f"- A plan made once ages: its estimated attention error is {_num(errors[first], 3)} at step "
-                     f"{first} and {_num(errors[last], 3)} at step {last} (mean over layers).")
+        worst = max(errors, key=lambda step: errors[step])
+        lines.append(f"- A plan made once: its estimated attention error is {_num(errors[first], 3)} at step {first}, "
+                     f"{_num(errors[worst], 3)} at its worst (step {worst}) and {_num(errors[last], 3)} at step {last} "
+                     "(mean over layers).")
     length = length_rows(results)
     for label in dict.fromkeys(r["label"] for r in length):
         mine = [r for r in length if r["label"] == label]
         trend = ", ".join(f"{r['tokens']} tokens: {_num(r['psnr'], 2)} dB at density {_num(r['density'], 3)}" for r in mine)
         lines.append(f"- Length, {label}: {trend}.")
     return lines or ["- Nothing measured yet."]
+
+
+def peer_matches(pareto: list[dict[str, Any]]) -> list[str]:
+    """``auto`` against each peer preset's row by the density each spent, which is what costs time
+    (a preset's rule sets its spending, whatever it was asked): the ``auto`` row that spent the
+    most without spending more than the peer, and, for SVG2, the one that spent at most half.
+
+    Example::
+
+        >>> auto = {"label": "auto", "budget": "0.3", "density": 0.3, "psnr": 31.0, "config": {"pattern": "auto"}}
+        >>> svg2 = {"label": "svg2", "budget": "0.25", "density": 0.6, "psnr": 30.0, "config": {"pattern": "svg2"}}
+        >>> peer_matches([auto, svg2])
+        ['- svg2 asked for 0.25 spent 0.600: `auto` spending no more (density 0.3, spent 0.300) 31.00 dB, at least as high as its 30.00 dB; at most half (density 0.3, spent 0.300) 31.00 dB, at least as high as it.']
+    """
+    autos = [r for r in pareto if r["label"] == "auto" and r["density"] is not None]
+    lines = []
+    for peer in (r for r in pareto if r["config"].get("pattern") in PRESETS and r["density"] is not None):
+        shares = ((1.0, "spending no more"), (0.5, "at most half"))[: 2 if peer["config"]["pattern"] == "svg2" else 1]
+        said = []
+        for share, words in shares:
+            auto = max((r for r in autos if r["density"] <= share * peer["density"]), key=lambda r: r["density"], default=None)
+            if auto is not None:
+                verdict = "at least as high as" if _finite(auto["psnr"]) >= _finite(peer["psnr"]) else "below"
+                theirs = "it" if said else f"its {_num(peer['psnr'], 2)} dB"
+                said.append(f"{words} (density {auto['budget']}, spent {_num(auto['density'], 3)}) "
+                            f"{_num(auto['psnr'], 2)} dB, {verdict} {theirs}")
+        if said:
+            asked = "on its own budget" if peer["budget"] == "own" else f"asked for {peer['budget']}"
+            lines.append(f"- {peer['config']['pattern']} {asked} spent {_num(peer['density'], 3)}: `auto` "
+                         + "; ".join(said) + ".")
+    return lines
 
 
 def defaults_evidence(results: dict[str, Any]) -> list[str]:
