@@ -141,6 +141,22 @@ def test_the_aging_finding_reads_the_first_worst_and_last_checked_step(study):
             "and 0.100 at step 15 (mean over layers).") in findings(changed)
 
 
+def test_the_budget_default_is_picked_among_the_densities_faster_than_dense(study):
+    from dit_sparse.eval.studies.fidelity_report import defaults_evidence, read_results
+
+    _, _, out, _ = study
+    changed = read_results(out / "results" / "fidelity.json")
+    rows = changed["runs"][changed["main_size"]]["rows"]
+    auto = next(r for r in rows if r["part"] == "pareto" and r["label"] == "auto")
+    rows.remove(auto)
+    for budget, psnr, agreement, speedup in (("0.1", 32.0, 0.90, 1.3), ("0.2", 35.0, 0.96, 1.1), ("0.6", 45.0, 0.98, 0.9)):
+        rows.append({**auto, "budget": budget, "psnr": psnr, "agreement": {"all": agreement}, "speedup": speedup})
+    budget_line = lambda: next(line for line in defaults_evidence(changed) if line.startswith("- Budget"))
+    assert "0.6: 45.00 dB, 98%, 0.90x; left out as slower than dense end to end: 0.6; the smallest that meets both: density 0.2." in budget_line()
+    rows[-2]["speedup"] = 0.95   # the only density meeting both targets is slower than dense: the most agreement among the rest
+    assert "left out as slower than dense end to end: 0.2, 0.6; none meets both, so the one with the most agreement: density 0.1." in budget_line()
+
+
 def test_auto_is_matched_with_each_peer_by_the_density_each_spent(study):
     from dit_sparse.eval.studies.fidelity_report import findings, read_results
 

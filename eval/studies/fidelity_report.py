@@ -314,9 +314,9 @@ def peer_matches(pareto: list[dict[str, Any]]) -> list[str]:
 
 
 def defaults_evidence(results: dict[str, Any]) -> list[str]:
-    """What the figures pick for each default of ``SparseAttentionConfig()``, by stated rules: the
-    smallest density at which ``auto`` meets both quality targets (30 dB, 95 % agreement; else the
-    one with the most agreement), the fewest dense steps at which PSNR meets 30 dB, a dense
+    """What the figures pick for each default of ``SparseAttentionConfig()``, by stated rules: among
+    the densities at which ``auto`` runs faster than dense end to end, the smallest that meets both
+    quality targets (30 dB, 95 % agreement; else the one with the most agreement), the fewest dense steps at which PSNR meets 30 dB, a dense
     first layer and a dense last step only when they gain at least 1 dB, and a re-planning schedule
     only when it gains at least 1 dB over planning once and stays faster than dense; each rule's pick
     beside the default."""
@@ -325,13 +325,16 @@ def defaults_evidence(results: dict[str, Any]) -> list[str]:
     lines = []
     auto = sorted((r for r in rows if r["part"] == "pareto" and r["label"] == "auto" and r["budget"] != "own"),
                   key=lambda r: float(r["budget"]))
-    if auto:
-        meeting = [r for r in auto if _finite(r["psnr"]) >= TARGET_PSNR and (r["agreement"].get("all") or 0) >= TARGET_AGREEMENT]
-        pick = meeting[0] if meeting else max(auto, key=lambda r: (r["agreement"].get("all") or 0, -float(r["budget"])))
+    faster = [r for r in auto if r["speedup"] is not None and r["speedup"] > 1]
+    if faster:
+        meeting = [r for r in faster if _finite(r["psnr"]) >= TARGET_PSNR and (r["agreement"].get("all") or 0) >= TARGET_AGREEMENT]
+        pick = meeting[0] if meeting else max(faster, key=lambda r: (r["agreement"].get("all") or 0, -float(r["budget"])))
         rule = "the smallest that meets both" if meeting else "none meets both, so the one with the most agreement"
+        slower = [r["budget"] for r in auto if r not in faster]
         lines.append(f"- Budget: `auto` against the targets ({TARGET_PSNR} dB, {TARGET_AGREEMENT:.0%} agreement) at each "
-                     f"measured density: " + ", ".join(f"{r['budget']}: {_num(r['psnr'], 2)} dB, {_pct(r['agreement'].get('all'))}"
-                                                      for r in auto)
+                     f"measured density: " + ", ".join(f"{r['budget']}: {_num(r['psnr'], 2)} dB, {_pct(r['agreement'].get('all'))}, "
+                                                      f"{_num(r['speedup'], 2, 'x')}" for r in auto)
+                     + (f"; left out as slower than dense end to end: {', '.join(slower)}" if slower else "")
                      + f"; {rule}: density {pick['budget']}. The default is density {DEFAULT_DENSITY}.")
     warmup = [r for r in rows if r["part"] == "warmup"]
     shares = sorted((r for r in warmup if r["label"].endswith("dense steps")), key=lambda r: r["config"]["dense_steps"])
