@@ -163,13 +163,14 @@ def test_auto_is_matched_with_each_peer_by_the_density_each_spent(study):
     _, _, out, _ = study
     changed = read_results(out / "results" / "fidelity.json")
     rows = {row["label"]: row for row in changed["runs"][changed["main_size"]]["rows"] if row["part"] == "pareto"}
-    rows["auto"].update(density=0.3, psnr=31.0)
-    rows["svg2"].update(density=0.7, psnr=30.0)
-    assert ("- svg2 asked for 1.0 spent 0.700: `auto` spending no more (density 1.0, spent 0.300) 31.00 dB, at least "
-            "as high as its 30.00 dB; at most half (density 1.0, spent 0.300) 31.00 dB, at least as high as it.") in findings(changed)
+    rows["auto"].update(density=0.3, psnr=31.0, speedup=1.2)
+    rows["svg2"].update(density=0.7, psnr=30.0, speedup=0.9)
+    assert ("- svg2 asked for 1.0 spent 0.700: `auto` spending no more (density 1.0, spent 0.300) 31.00 dB at 1.20x, "
+            "at least as high as its 30.00 dB at 0.90x; at most half (density 1.0, spent 0.300) 31.00 dB at 1.20x, at least "
+            "as high as it.") in findings(changed)
     rows["svg2"].update(density=0.5, psnr=32.0)   # auto spent more than half of SVG2's: the equal-spend match only
-    assert ("- svg2 asked for 1.0 spent 0.500: `auto` spending no more (density 1.0, spent 0.300) 31.00 dB, below "
-            "its 32.00 dB.") in findings(changed)
+    assert ("- svg2 asked for 1.0 spent 0.500: `auto` spending no more (density 1.0, spent 0.300) 31.00 dB at 1.20x, "
+            "below its 32.00 dB at 0.90x.") in findings(changed)
     rows["svg2"].update(density=0.2)   # auto spent more than SVG2: no match
     assert not any(line.startswith("- svg2 asked for 1.0") for line in findings(changed))
 

@@ -285,14 +285,15 @@ def findings(results: dict[str, Any]) -> list[str]:
 def peer_matches(pareto: list[dict[str, Any]]) -> list[str]:
     """``auto`` against each peer preset's row by the density each spent, which is what costs time
     (a preset's rule sets its spending, whatever it was asked): the ``auto`` row that spent the
-    most without spending more than the peer, and, for SVG2, the one that spent at most half.
+    most without spending more than the peer, and, for SVG2, the one that spent at most half; each
+    with its end-to-end speedup (the peers' rules differ in dense steps and re-planning too).
 
     Example::
 
-        >>> auto = {"label": "auto", "budget": "0.3", "density": 0.3, "psnr": 31.0, "config": {"pattern": "auto"}}
-        >>> svg2 = {"label": "svg2", "budget": "0.25", "density": 0.6, "psnr": 30.0, "config": {"pattern": "svg2"}}
+        >>> auto = {"label": "auto", "budget": "0.3", "density": 0.3, "psnr": 31.0, "speedup": 1.2, "config": {"pattern": "auto"}}
+        >>> svg2 = {"label": "svg2", "budget": "0.25", "density": 0.6, "psnr": 30.0, "speedup": 0.9, "config": {"pattern": "svg2"}}
         >>> peer_matches([auto, svg2])
-        ['- svg2 asked for 0.25 spent 0.600: `auto` spending no more (density 0.3, spent 0.300) 31.00 dB, at least as high as its 30.00 dB; at most half (density 0.3, spent 0.300) 31.00 dB, at least as high as it.']
+        ['- svg2 asked for 0.25 spent 0.600: `auto` spending no more (density 0.3, spent 0.300) 31.00 dB at 1.20x, at least as high as its 30.00 dB at 0.90x; at most half (density 0.3, spent 0.300) 31.00 dB at 1.20x, at least as high as it.']
     """
     autos = [r for r in pareto if r["label"] == "auto" and r["density"] is not None]
     lines = []
@@ -303,9 +304,9 @@ def peer_matches(pareto: list[dict[str, Any]]) -> list[str]:
             auto = max((r for r in autos if r["density"] <= share * peer["density"]), key=lambda r: r["density"], default=None)
             if auto is not None:
                 verdict = "at least as high as" if _finite(auto["psnr"]) >= _finite(peer["psnr"]) else "below"
-                theirs = "it" if said else f"its {_num(peer['psnr'], 2)} dB"
+                theirs = "it" if said else f"its {_num(peer['psnr'], 2)} dB at {_num(peer['speedup'], 2, 'x')}"
                 said.append(f"{words} (density {auto['budget']}, spent {_num(auto['density'], 3)}) "
-                            f"{_num(auto['psnr'], 2)} dB, {verdict} {theirs}")
+                            f"{_num(auto['psnr'], 2)} dB at {_num(auto['speedup'], 2, 'x')}, {verdict} {theirs}")
         if said:
             asked = "on its own budget" if peer["budget"] == "own" else f"asked for {peer['budget']}"
             lines.append(f"- {peer['config']['pattern']} {asked} spent {_num(peer['density'], 3)}: `auto` "
