@@ -155,6 +155,8 @@ def test_the_budget_default_is_picked_among_the_densities_faster_than_dense(stud
     assert "0.6: 45.00 dB, 98%, 0.90x; left out as slower than dense end to end: 0.6; the smallest that meets both: density 0.2." in budget_line()
     rows[-2]["speedup"] = 0.95   # the only density meeting both targets is slower than dense: the most agreement among the rest
     assert "left out as slower than dense end to end: 0.2, 0.6; none meets both, so the one with the most agreement: density 0.1." in budget_line()
+    rows[-3]["speedup"] = 0.9   # nothing faster than dense: the line still lists every density and picks none
+    assert "left out as slower than dense end to end: 0.1, 0.2, 0.6; none runs faster than dense, so none: density –." in budget_line()
 
 
 def test_auto_is_matched_with_each_peer_by_the_density_each_spent(study):

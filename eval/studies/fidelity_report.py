@@ -298,7 +298,7 @@ def peer_matches(pareto: list[dict[str, Any]]) -> list[str]:
     autos = [r for r in pareto if r["label"] == "auto" and r["density"] is not None]
     lines = []
     for peer in (r for r in pareto if r["config"].get("pattern") in PRESETS and r["density"] is not None):
-        shares = ((1.0, "spending no more"), (0.5, "at most half"))[: 2 if peer["config"]["pattern"] == "svg2" else 1]
+        shares = [(1.0, "spending no more")] + ([(0.5, "at most half")] if peer["config"]["pattern"] == "svg2" else [])
         said = []
         for share, words in shares:
             auto = max((r for r in autos if r["density"] <= share * peer["density"]), key=lambda r: r["density"], default=None)
@@ -317,8 +317,8 @@ def peer_matches(pareto: list[dict[str, Any]]) -> list[str]:
 def defaults_evidence(results: dict[str, Any]) -> list[str]:
     """What the figures pick for each default of ``SparseAttentionConfig()``, by stated rules: among
     the densities at which ``auto`` runs faster than dense end to end, the smallest that meets both
-    quality targets (30 dB, 95 % agreement; else the one with the most agreement), the fewest dense steps at which PSNR meets 30 dB, a dense
-    first layer and a dense last step only when they gain at least 1 dB, and a re-planning schedule
+    quality targets (30 dB, 95 % agreement; else the one with the most agreement), the fewest dense
+    steps at which PSNR meets 30 dB, a dense first layer and a dense last step only when they gain at least 1 dB, and a re-planning schedule
     only when it gains at least 1 dB over planning once and stays faster than dense; each rule's pick
     beside the default."""
     default = SparseAttentionConfig(density=DEFAULT_DENSITY).to_dict()
@@ -327,16 +327,17 @@ def defaults_evidence(results: dict[str, Any]) -> list[str]:
     auto = sorted((r for r in rows if r["part"] == "pareto" and r["label"] == "auto" and r["budget"] != "own"),
                   key=lambda r: float(r["budget"]))
     faster = [r for r in auto if r["speedup"] is not None and r["speedup"] > 1]
-    if faster:
+    if auto:
         meeting = [r for r in faster if _finite(r["psnr"]) >= TARGET_PSNR and (r["agreement"].get("all") or 0) >= TARGET_AGREEMENT]
-        pick = meeting[0] if meeting else max(faster, key=lambda r: (r["agreement"].get("all") or 0, -float(r["budget"])))
-        rule = "the smallest that meets both" if meeting else "none meets both, so the one with the most agreement"
+        pick = meeting[0] if meeting else max(faster, key=lambda r: (r["agreement"].get("all") or 0, -float(r["budget"])), default=None)
+        rule = ("none runs faster than dense, so none" if pick is None else "the smallest that meets both" if meeting
+                else "none meets both, so the one with the most agreement")
         slower = [r["budget"] for r in auto if r not in faster]
         lines.append(f"- Budget: `auto` against the targets ({TARGET_PSNR} dB, {TARGET_AGREEMENT:.0%} agreement) at each "
                      f"measured density: " + ", ".join(f"{r['budget']}: {_num(r['psnr'], 2)} dB, {_pct(r['agreement'].get('all'))}, "
                                                       f"{_num(r['speedup'], 2, 'x')}" for r in auto)
                      + (f"; left out as slower than dense end to end: {', '.join(slower)}" if slower else "")
-                     + f"; {rule}: density {pick['budget']}. The default is density {DEFAULT_DENSITY}.")
+                     + f"; {rule}: density {pick['budget'] if pick else '–'}. The default is density {DEFAULT_DENSITY}.")
     warmup = [r for r in rows if r["part"] == "warmup"]
     shares = sorted((r for r in warmup if r["label"].endswith("dense steps")), key=lambda r: r["config"]["dense_steps"])
     if shares:
