@@ -310,7 +310,9 @@ def _plan_by_error(
     layout, blocks = calibration.layout, calibration.block_size
     target = target_density(budget, layout, blocks[1])
     level_budgets = [budget] + [Budget(density=target * f) for f in FALLBACK_LEVELS if target * f < 1]
-    per_family = [_candidates(family, calibration, level_budgets) for family in FAMILIES]
+    # without the widened radial band: chosen by this estimate on the reference model, it lowered the
+    # main command's PSNR from 36.17 to 35.43 dB (docs/families.md)
+    per_family = [_candidates(family, calibration, level_budgets, widened=(False,)) for family in FAMILIES]
     levels = [[c for family in per_family for c in family[i]] for i in range(len(level_budgets))]
     per_level = len(levels[0])
     candidates = [c for level in levels for c in level]
@@ -425,30 +427,36 @@ def _fallback(errors: torch.Tensor, density: torch.Tensor, max_error: float, all
     return torch.tensor(choice, device=errors.device).view(errors.shape[1:])
 
 
-def _candidates(family: str, calibration: Calibration, budgets: list[Budget]) -> list[list[Candidate]]:
-    """One family's masks at each of ``budgets``: per budget, one per token order the family uses,
-    each fitted per head on the block mass over that order."""
+def _candidates(
+    family: str, calibration: Calibration, budgets: list[Budget], widened: tuple[bool, ...] = (False, True)
+) -> list[list[Candidate]]:
+    """One family's masks at each of ``budgets``: per budget, one per token order the family uses
+    (the radial raster band once per ``widened``, see :func:`fit_radial_band`), each fitted per head
+    on the block mass over that order."""
     layout, blocks, tile, masses = calibration.layout, calibration.block_size, calibration.tile, calibration.masses
     out: list[list[Candidate]] = [[] for _ in budgets]
     for order in FAMILY_ORDERS[family]:
         mass = masses[order]
-        if family == "radial":
-            fits = fit_radial(mass, layout, tile, blocks, budgets) if order == "tile" else fit_radial_band(mass, layout, blocks, budgets)
-            masks = [fit.mask for fit in fits]
+        if family == "radial" and order == "tile":
+            variants = [[fit.mask for fit in fit_radial(mass, layout, tile, blocks, budgets)]]
+        elif family == "radial":
+            bands = widened if layout.grid[0] > 1 else (False,)
+            variants = [[fit.mask for fit in fit_radial_band(mass, layout, blocks, budgets, wide)] for wide in bands]
         elif family == "spatiotemporal":
             fits = fit_spatiotemporal(mass, layout, tile, blocks, budgets) if order == "tile" else fit_band(mass, layout, blocks, budgets)
-            masks = [fit.mask for fit in fits]
+            variants = [[fit.mask for fit in fits]]
         elif family == "semantic" and order == "clusters":
             # a count budget in keys: the video density the fixed blocks' budget allows, so that both
             # variants spend alike
             keys = [b if b.is_mass else Budget(density=target_density(b, layout, blocks[1])) for b in budgets]
-            masks = [semantic_block_mask(calibration.clustering, layout, blocks, k, starts=calibration.starts[order]) for k in keys]
+            variants = [[semantic_block_mask(calibration.clustering, layout, blocks, k, starts=calibration.starts[order]) for k in keys]]
         elif family == "semantic":
-            masks = [semantic_block_mask(calibration.clustering, layout, blocks, b) for b in budgets]
+            variants = [[semantic_block_mask(calibration.clustering, layout, blocks, b) for b in budgets]]
         else:
-            masks = [adaptive_block_mask(mass, layout, blocks, b) for b in budgets]
-        for per_budget, mask in zip(out, masks, strict=True):
-            per_budget.append(Candidate(mask.expand_as(mass), order, family))
+            variants = [[adaptive_block_mask(mass, layout, blocks, b) for b in budgets]]
+        for masks in variants:
+            for per_budget, mask in zip(out, masks, strict=True):
+                per_budget.append(Candidate(mask.expand_as(mass), order, family))
     return out
 
 

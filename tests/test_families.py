@@ -9,12 +9,14 @@ from dit_sparse.budget import Budget
 from dit_sparse.families import (
     adaptive_block_mask,
     band_thresholds,
+    fit_radial_band,
     radial_band_thresholds,
     radial_block_mask,
     radial_thresholds,
     spatiotemporal_block_mask,
     spatiotemporal_thresholds,
 )
+from dit_sparse.families.radial import NEIGHBOUR_WIDENING
 from dit_sparse.families.spatiotemporal import sink_key_blocks
 from dit_sparse.families.window import _Ranking, solve_window
 from dit_sparse.scoring import recall, video_density
@@ -66,10 +68,12 @@ def test_spatiotemporal_matches_token_rule(layout, tile, blocks, frame_cost):
 
 @pytest.mark.parametrize("layout,tile,blocks", CASES, ids=IDS)
 @pytest.mark.parametrize("sink", [True, False])
-def test_radial_band_matches_token_rule(layout, tile, blocks, sink):
-    thresholds = radial_band_thresholds(layout, blocks, sink)
-    for width in (0.5, 5.0, 9.0, 17.0, 40.0, 90.0, 400.0):
-        expected = radial_band_rule(layout, blocks, width, sink)
+@pytest.mark.parametrize("neighbours", [False, True])
+def test_radial_band_matches_token_rule(layout, tile, blocks, sink, neighbours):
+    thresholds = radial_band_thresholds(layout, blocks, sink, neighbours)
+    widening = NEIGHBOUR_WIDENING if neighbours else 1.0
+    for width in (0.5, 1.7, 5.0, 9.0, 17.0, 40.0, 90.0, 400.0):
+        expected = radial_band_rule(layout, blocks, width, sink, widening)
         assert np.array_equal((thresholds <= width).numpy(), expected), width
 
 
@@ -91,6 +95,20 @@ def test_radial_band_is_dense_near_the_diagonal_and_thins_far_frames():
     thinned = (radial_band_thresholds(layout, blocks, sink=False) <= 64.0)[0].view(9, 4).sum(-1)
     # +-32 at 2-3, +-16 at 4-7, +-8 at 8: a block wide on frame distances that 2, 4 and 8 divide
     assert thinned.tolist() == [2, 2, 2, 0, 2, 0, 0, 0, 2]
+
+
+@pytest.mark.parametrize("density,plain_recall,widened_recall", [(0.3, 0.67, 0.96), (0.4, 0.67, 1.0)])
+def test_widened_radial_band_keeps_a_frame_head_whole(density, plain_recall, widened_recall):
+    layout, blocks = TokenLayout((8, 16, 16)), (64, 64)          # a frame is 4 blocks
+    frame = torch.arange(layout.num_blocks(64)) // 4
+    own_frame = (frame[:, None] == frame[None, :]).float()
+    mass = (own_frame / own_frame.sum(-1, keepdim=True))[None, None]     # every query on its own frame
+    plain, widened = (fit_radial_band(mass, layout, blocks, Budget(density=density), neighbours=wide)
+                      for wide in (False, True))
+    # the plain band must halve per frame distance, so at this budget it cannot cover a whole frame
+    assert plain.recall.item() == pytest.approx(plain_recall, abs=0.01)
+    assert widened.recall.item() >= widened_recall - 0.01
+    assert video_density(widened.mask, layout, blocks).item() <= density + 1 / 32      # rounded up to whole key blocks
 
 
 def test_position_order_puts_the_frames_of_a_position_together():

@@ -81,16 +81,17 @@ def spatiotemporal_rule(layout: TokenLayout, tile, block_size, radius: float, fr
     return pool(keep, is_text, block_size)
 
 
-def radial_band_rule(layout: TokenLayout, block_size, width: float, sink: bool) -> np.ndarray:
+def radial_band_rule(layout: TokenLayout, block_size, width: float, sink: bool, neighbours: float = 1.0) -> np.ndarray:
     """Radial Attention's raster band at half-width ``width`` for frame distance <= 1, over the
     raster order: per frame pair a band of within-frame positions halving per doubling of the frame
-    distance, never narrower than a key block but then kept on every 2**j-th frame pair only."""
+    distance, never narrower than a key block but then kept on every 2**j-th frame pair only; the
+    band of frame distances <= 1 is ``neighbours`` times wider."""
     q, k, is_text = pairs(layout, order=layout.identity_order())
     _, h, w = layout.grid
     frames = np.abs(q["t"] - k["t"])
     gap = np.abs((q["h"] * w + q["w"]) - (k["h"] * w + k["w"]))
     bits = np.floor(np.log2(np.maximum(frames, 1))) + 1
-    band = width * 2.0 / 2.0**bits
+    band = width * 2.0 / 2.0**bits * np.where(frames <= 1, neighbours, 1.0)
     narrowest = block_size[1]
     largest_power_of_two = np.where(frames > 0, frames & -frames, 1)
     wide = (band >= narrowest) & (gap <= band)

@@ -30,6 +30,8 @@ from .cells import CellGrid, pool_runs
 from .spatiotemporal import fit_windows
 from .window import solve_window
 
+NEIGHBOUR_WIDENING = 16.0   # the paper's mask at decay 0.2: frames +-1 dense, +-2 a band of 1/20 of a frame
+
 
 def radial_thresholds(
     layout: TokenLayout, tile: TileShape, block_size: tuple[int, int], sink: bool = True
@@ -93,7 +95,9 @@ def fit_radial(
     return fit_windows(rules, mass, layout, block_size, budget, stripes=False)
 
 
-def radial_band_thresholds(layout: TokenLayout, block_size: tuple[int, int], sink: bool = True) -> torch.Tensor:
+def radial_band_thresholds(
+    layout: TokenLayout, block_size: tuple[int, int], sink: bool = True, neighbours: bool = False
+) -> torch.Tensor:
     """``[nQ, nK]`` over the raster order (:meth:`TokenLayout.identity_order`): the smallest band
     half-width ``w`` (tokens, at frame distance ``d <= 1``) at which each block pair enters the mask.
 
@@ -105,6 +109,9 @@ def radial_band_thresholds(layout: TokenLayout, block_size: tuple[int, int], sin
     narrows below ``m``: once it would be ``2**j`` times narrower, only every ``2**j``-th frame pair
     keeps it). The same frame keeps its positions within ``m`` at any width. ``sink``: every query
     keeps frame 0. With ``w`` at least the frame's length, frames within +-1 are dense, as in the paper.
+    ``neighbours``: frames within +-1 get a band :data:`NEIGHBOUR_WIDENING` times wider, so that they
+    are dense while farther frames keep a narrow band, the shape of the paper's own mask
+    (:func:`~dit_sparse.families.peers.radial_paper_block_mask`) at any density.
 
     Example::
 
@@ -125,17 +132,21 @@ def radial_band_thresholds(layout: TokenLayout, block_size: tuple[int, int], sin
     divides = torch.where(d > 0, (d & -d).double(), math.inf)
     width = torch.where(gap > bk, gap, bk / divides)
     thresholds = width * 2.0 ** (_bit_length(d.clamp(min=1)) - 1).double()
+    if neighbours:
+        thresholds = torch.where(d <= 1, thresholds / NEIGHBOUR_WIDENING, thresholds)
     if sink:
         thresholds[:, frame == 0] = 0.0
     return pool_runs(thresholds, of_token, layout, block_size)
 
 
 def fit_radial_band(
-    mass: torch.Tensor, layout: TokenLayout, block_size: tuple[int, int], budget: Budget | Sequence[Budget]
+    mass: torch.Tensor, layout: TokenLayout, block_size: tuple[int, int], budget: Budget | Sequence[Budget],
+    neighbours: bool = False,
 ) -> BestPerHead | list[BestPerHead]:
-    """As :func:`fit_radial` for the raster band (``mass`` measured over the raster order)."""
+    """As :func:`fit_radial` for the raster band (``mass`` measured over the raster order), the
+    neighbouring frames widened with ``neighbours`` (see :func:`radial_band_thresholds`)."""
     sinks = (True, False) if layout.grid[0] > 1 else (False,)
-    rules = [radial_band_thresholds(layout, block_size, sink).to(mass.device) for sink in sinks]
+    rules = [radial_band_thresholds(layout, block_size, sink, neighbours).to(mass.device) for sink in sinks]
     return fit_windows(rules, mass, layout, block_size, budget, stripes=False)
 
 
