@@ -12,7 +12,7 @@ from dit_sparse.eval.reference.clips import HELDOUT_SEED_START, clip_spec, rende
 from dit_sparse.eval.reference.components import ReferenceSizes
 from dit_sparse.eval.reference.detector import Reading, detect, parse_prompt
 from dit_sparse.eval.reference.scoring import adherence, agreement
-from dit_sparse.eval.reference.train import TrainSettings, train
+from dit_sparse.eval.reference.train import Denoiser, TrainSettings, object_masks, train
 from dit_sparse.eval.reference.vocabulary import build_tokenizer, unknown_words, vocabulary
 
 
@@ -91,7 +91,10 @@ def test_the_shipped_folder_loads_with_the_stock_wan_pipeline(reference_pipe):
     assert tokens >= 8192
     summary = json.loads((reference_model_dir() / "training.json").read_text())
     assert summary["command"].startswith("python -m dit_sparse.eval.reference.train")
-    assert summary["settings"] == TrainSettings().__dict__, "the shipped weights are not the default command's output"
+    # a setting added after the shipped run (object_weight) must default to what that run did
+    defaults = TrainSettings().__dict__
+    assert {**defaults, **summary["settings"]} == defaults, "the shipped weights are not the default command's output"
+    assert set(defaults) - set(summary["settings"]) <= {"object_weight"} and defaults["object_weight"] == 0.0
 
 
 def test_the_call_settings_encode_prompts_as_training_did(reference_pipe):
@@ -124,12 +127,39 @@ def test_a_prompt_generates_end_to_end_and_unknown_words_still_generate(referenc
     assert np.abs(known - unknown).max() > 0    # the text reaches the video
 
 
+def test_object_masks_follow_the_rendered_object_through_the_latent_frames():
+    seed = next(s for s in range(100) if len(clip_spec(s).objects) == 1 and clip_spec(s).objects[0].motion == "right")
+    spec = clip_spec(seed)
+    clips = render_clip(spec, 9, 64, 64)[None]
+    masks = object_masks(clips, [spec.background], scale=4)                 # latent frames: 0 | 1-4 | 5-8
+    assert masks.shape == (1, 3, 16, 16)
+    for latent_frame, last_frame in ((0, 0), (1, 4), (2, 8)):
+        x, y, radius = spec.objects[0].centre_and_radius(last_frame / 8)
+        assert masks[0, latent_frame, int(y * 16), int(x * 16)]           # the object's centre is covered
+        assert masks[0, latent_frame].float().mean() < 0.35                  # the background is not
+    columns = [masks[0, t].nonzero()[:, 1].float().mean().item() for t in range(3)]
+    assert columns[0] < columns[1] < columns[2]                              # and it moves right
+
+
+def test_the_weighted_loss_is_the_plain_loss_at_equal_weights_and_follows_the_weights():
+    denoiser = Denoiser(ReferenceSizes(num_layers=1), seed=0)
+    latents = torch.randn(2, 16, 2, 4, 4)
+    prompts = ["a red circle moving left on a black background"] * 2
+    plain = denoiser.loss(latents, prompts, torch.Generator().manual_seed(1))
+    even = denoiser.loss(latents, prompts, torch.Generator().manual_seed(1), torch.full((2, 1, 2, 4, 4), 5.0))
+    assert torch.allclose(plain, even)
+    corner = torch.zeros(2, 1, 2, 4, 4)
+    corner[..., 0, 0] = 1.0                                                   # only one latent position counts
+    weighted = denoiser.loss(latents, prompts, torch.Generator().manual_seed(1), corner)
+    assert not torch.allclose(weighted, plain)
+
+
 def test_two_training_steps_write_a_loadable_pipeline_and_a_rerun_resumes(tmp_path):
     from diffusers import WanPipeline
 
     sizes = ReferenceSizes(num_layers=1, frames=5, height=32, width=32)
     settings = TrainSettings(vae_steps=2, vae_long_steps=1, latent_clips=2, steps=2, finetune_steps=2,
-                             heldout_clips=1, checkpoint_every=1)
+                             heldout_clips=1, checkpoint_every=1, object_weight=4.0)
     work, out = tmp_path / "work", tmp_path / "model"
     train(work, out, sizes, settings, plot=tmp_path / "loss.png")
     lines = (work / "loss.csv").read_text().splitlines()

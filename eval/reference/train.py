@@ -12,7 +12,9 @@ checkpoint when the command runs again (a finished stage is skipped):
 2. ``latents``: the VAE encodes ``--latent-clips`` 29-frame 64x64 training clips once; per-channel
    mean and standard deviation become the VAE's ``latents_mean`` / ``latents_std``.
 3. ``transformer``: the ``WanTransformer3DModel`` and the ``UMT5EncoderModel`` together, by flow
-   matching on those latents (2,048 tokens per clip), with prompt dropout so that CFG works.
+   matching on those latents (2,048 tokens per clip), with prompt dropout so that CFG works;
+   ``--object-weight W`` weights the squared error of latent positions an object covers by
+   ``1 + W`` (default 0: the plain loss the shipped weights were trained with).
 4. ``finetune``: the same at the default size (29 frames of 128x128, 8,192 tokens), clips rendered
    and encoded as they are needed.
 5. ``export``: the exponential moving averages of the weights, saved with ``save_pretrained``, a
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .clips import HELDOUT_SEED_START, clip_spec, render_clip
+from .clips import BACKGROUNDS, HELDOUT_SEED_START, clip_spec, render_clip
 from .components import (ReferenceSizes, assemble_pipeline, build_text_encoder, build_tokenizer,
                          build_transformer, build_vae)
 
@@ -64,6 +66,7 @@ class TrainSettings:
     finetune_batch: int = 1
     finetune_lr: float = 3e-4
     finetune_ema_decay: float = 0.98
+    object_weight: float = 0.0
     heldout_clips: int = 8
     checkpoint_every: int = 25
     seed: int = 0
@@ -87,6 +90,25 @@ def vae_batch(first_seed: int, frames: int, settings: TrainSettings) -> torch.Te
         top, left = torch.randint(0, side - VAE_WINDOW + 1, (2,), generator=torch.Generator().manual_seed(seed)).tolist()
         clips.append(full[:, top:top + VAE_WINDOW, left:left + VAE_WINDOW])
     return to_model_range(torch.stack(clips))
+
+
+def object_masks(clips: torch.Tensor, backgrounds: list[str], scale: int) -> torch.Tensor:
+    """``(B, T, H / scale, W / scale)`` bool: the latent positions an object covers in any frame the
+    latent frame encodes (Wan's causal VAE: the first frame alone, then groups of ``scale``), from
+    rendered ``(B, F, H, W, 3)`` clips and their background names.
+
+    Example::
+
+        >>> spec = clip_spec(3)
+        >>> masks = object_masks(render_clip(spec, 9, 32, 32)[None], [spec.background], scale=4)
+        >>> tuple(masks.shape), 0 < masks.float().mean().item() < 0.5
+        ((1, 3, 8, 8), True)
+    """
+    background = torch.tensor([BACKGROUNDS[name] for name in backgrounds]).view(-1, 1, 1, 1, 3)
+    covered = ((clips - background).abs().sum(-1) > 0.05).float()                      # (B, F, H, W)
+    batch, frames, height, width = covered.shape
+    later = covered[:, 1:].reshape(batch, (frames - 1) // scale, scale, height, width).amax(2)
+    return F.max_pool2d(torch.cat([covered[:, :1], later], 1), scale) > 0
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -192,22 +214,26 @@ def heldout_vae_psnr(vae: torch.nn.Module, sizes: ReferenceSizes, clips: int) ->
 
 
 def encode_latents(work: Path, vae: torch.nn.Module, settings: TrainSettings) -> dict:
-    """Stage 2: 29-frame 64x64 training clips encoded once (``work/latents.pt``), with their prompts
-    and the per-channel statistics that normalise them."""
+    """Stage 2: 29-frame 64x64 training clips encoded once (``work/latents.pt``), with their prompts,
+    the latent positions their objects cover and the per-channel statistics that normalise them."""
     path = work / "latents.pt"
     if path.exists():
-        return torch.load(path)
+        data = torch.load(path)
+        if "masks" not in data:
+            raise SystemExit(f"{path} was written without object masks; delete it and run again to encode the clips anew")
+        return data
     chunk_size = 8
-    latents, prompts = [], []
+    latents, masks, prompts = [], [], []
     first_seed = 10 * (settings.vae_steps + settings.vae_long_steps) * settings.vae_batch  # clips the VAE never saw
     with torch.no_grad():
         for start in tqdm(range(0, settings.latent_clips, chunk_size), desc="latents"):
             seeds = range(first_seed + start, first_seed + min(start + chunk_size, settings.latent_clips))
             clips = torch.stack([render_clip(clip_spec(seed), CLIP_FRAMES, SMALL_SIDE, SMALL_SIDE) for seed in seeds])
             latents.append(vae.encode(to_model_range(clips)).latent_dist.mode())
+            masks.append(object_masks(clips, [clip_spec(seed).background for seed in seeds], vae.config.scale_factor_spatial))
             prompts += [clip_spec(seed).prompt for seed in seeds]
     stacked = torch.cat(latents)
-    data = {"latents": stacked, "prompts": prompts, "mean": stacked.mean(dim=(0, 2, 3, 4)),
+    data = {"latents": stacked, "masks": torch.cat(masks), "prompts": prompts, "mean": stacked.mean(dim=(0, 2, 3, 4)),
             "std": stacked.std(dim=(0, 2, 3, 4))}
     torch.save(data, path)
     return data
@@ -245,9 +271,11 @@ class Denoiser:
         embeds = self.text_encoder(tokens.input_ids, tokens.attention_mask).last_hidden_state
         return embeds * tokens.attention_mask[..., None]
 
-    def loss(self, latents: torch.Tensor, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
+    def loss(self, latents: torch.Tensor, prompts: list[str], generator: torch.Generator,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
         """Flow-matching loss: ``x_t = (1 - s) x0 + s n``, target ``n - x0``, ``s`` logit-normal and
-        shifted as the scheduler shifts its sigmas."""
+        shifted as the scheduler shifts its sigmas; with ``weights`` (broadcast over the latents) a
+        weighted mean of the squared errors."""
         batch = latents.shape[0]
         dropped = torch.rand(batch, generator=generator) < PROMPT_DROPOUT
         prompts = ["" if drop else prompt for prompt, drop in zip(prompts, dropped.tolist(), strict=True)]
@@ -259,7 +287,10 @@ class Denoiser:
         noisy = (1 - s) * latents + s * noise
         prediction = self.transformer(noisy, timestep=sigma * 1000, encoder_hidden_states=self.prompt_embeds(prompts),
                                       return_dict=False)[0]
-        return F.mse_loss(prediction, noise - latents)
+        if weights is None:
+            return F.mse_loss(prediction, noise - latents)
+        weights = weights.expand_as(latents)
+        return (weights * (prediction - (noise - latents)) ** 2).mean() / weights.mean()
 
     def update_ema(self, decay: float) -> None:
         ema_update(self.ema_transformer, self.transformer, decay)
@@ -273,9 +304,10 @@ def train_denoiser(stage: str, work: Path, denoiser: Denoiser, steps: int, lr: f
     optimizer = torch.optim.AdamW(denoiser.parameters, lr=lr, weight_decay=0.01)
 
     def step_loss(step: int) -> torch.Tensor:
-        latents, prompts = batches(step)
+        latents, prompts, masks = batches(step)
         noise_seed = settings.seed + len(stage) * 10**6 + step   # each stage draws its own noise
-        return denoiser.loss(latents, prompts, torch.Generator().manual_seed(noise_seed))
+        weights = 1 + settings.object_weight * masks.unsqueeze(1).float() if settings.object_weight else None
+        return denoiser.loss(latents, prompts, torch.Generator().manual_seed(noise_seed), weights)
 
     optimise(stage, work, steps, lr, optimizer, denoiser.parameters, step_loss, lambda: denoiser.update_ema(ema_decay),
              lambda: {"models": denoiser.state()}, lambda state: denoiser.load(state["models"]), log, settings)
@@ -314,28 +346,31 @@ def optimise(stage: str, work: Path, steps: int, lr: float, optimizer: torch.opt
 
 
 def cached_batches(data: dict, settings: TrainSettings):
-    """Batches of the encoded 64x64 clips, normalised, in a seeded order."""
+    """Batches ``(latents, prompts, object masks)`` of the encoded 64x64 clips, normalised, in a
+    seeded order."""
     normalised = (data["latents"] - data["mean"].view(1, -1, 1, 1, 1)) / data["std"].view(1, -1, 1, 1, 1)
 
-    def batch(step: int) -> tuple[torch.Tensor, list[str]]:
+    def batch(step: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         index = torch.randint(0, len(normalised), (settings.batch,),
                               generator=torch.Generator().manual_seed(settings.seed + 7 * step))
-        return normalised[index], [data["prompts"][i] for i in index.tolist()]
+        return normalised[index], [data["prompts"][i] for i in index.tolist()], data["masks"][index]
 
     return batch
 
 
 def rendered_batches(vae: torch.nn.Module, data: dict, sizes: ReferenceSizes, settings: TrainSettings):
-    """Batches of clips at the default size, rendered and encoded when they are needed."""
+    """Batches ``(latents, prompts, object masks)`` of clips at the default size, rendered and encoded
+    when they are needed."""
     first_seed = 20 * (settings.vae_steps + settings.vae_long_steps) * settings.vae_batch + settings.latent_clips
 
-    def batch(step: int) -> tuple[torch.Tensor, list[str]]:
+    def batch(step: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         seeds = [first_seed + step * settings.finetune_batch + i for i in range(settings.finetune_batch)]
         clips = torch.stack([render_clip(clip_spec(seed), sizes.frames, sizes.height, sizes.width) for seed in seeds])
         with torch.no_grad():
             latents = vae.encode(to_model_range(clips)).latent_dist.mode()
         latents = (latents - data["mean"].view(1, -1, 1, 1, 1)) / data["std"].view(1, -1, 1, 1, 1)
-        return latents, [clip_spec(seed).prompt for seed in seeds]
+        masks = object_masks(clips, [clip_spec(seed).background for seed in seeds], sizes.vae_scale)
+        return latents, [clip_spec(seed).prompt for seed in seeds], masks
 
     return batch
 
