@@ -312,7 +312,7 @@ def _plan_by_error(
     level_budgets = [budget] + [Budget(density=target * f) for f in FALLBACK_LEVELS if target * f < 1]
     # without the widened radial band: chosen by this estimate on the reference model, it lowered the
     # main command's PSNR from 36.17 to 35.43 dB (docs/families.md)
-    per_family = [_candidates(family, calibration, level_budgets, widened=(False,)) for family in FAMILIES]
+    per_family = [_candidates(family, calibration, level_budgets, neighbours=(False,)) for family in FAMILIES]
     levels = [[c for family in per_family for c in family[i]] for i in range(len(level_budgets))]
     per_level = len(levels[0])
     candidates = [c for level in levels for c in level]
@@ -428,10 +428,10 @@ def _fallback(errors: torch.Tensor, density: torch.Tensor, max_error: float, all
 
 
 def _candidates(
-    family: str, calibration: Calibration, budgets: list[Budget], widened: tuple[bool, ...] = (False, True)
+    family: str, calibration: Calibration, budgets: list[Budget], neighbours: tuple[bool, ...] = (False, True)
 ) -> list[list[Candidate]]:
     """One family's masks at each of ``budgets``: per budget, one per token order the family uses
-    (the radial raster band once per ``widened``, see :func:`fit_radial_band`), each fitted per head
+    (the radial raster band once per ``neighbours``, see :func:`fit_radial_band`), each fitted per head
     on the block mass over that order."""
     layout, blocks, tile, masses = calibration.layout, calibration.block_size, calibration.tile, calibration.masses
     out: list[list[Candidate]] = [[] for _ in budgets]
@@ -440,7 +440,7 @@ def _candidates(
         if family == "radial" and order == "tile":
             variants = [[fit.mask for fit in fit_radial(mass, layout, tile, blocks, budgets)]]
         elif family == "radial":
-            bands = widened if layout.grid[0] > 1 else (False,)
+            bands = neighbours if layout.grid[0] > 1 else (False,)
             variants = [[fit.mask for fit in fit_radial_band(mass, layout, blocks, budgets, wide)] for wide in bands]
         elif family == "spatiotemporal":
             fits = fit_spatiotemporal(mass, layout, tile, blocks, budgets) if order == "tile" else fit_band(mass, layout, blocks, budgets)

@@ -228,10 +228,11 @@ def encode_latents(work: Path, vae: torch.nn.Module, settings: TrainSettings) ->
     with torch.no_grad():
         for start in tqdm(range(0, settings.latent_clips, chunk_size), desc="latents"):
             seeds = range(first_seed + start, first_seed + min(start + chunk_size, settings.latent_clips))
-            clips = torch.stack([render_clip(clip_spec(seed), CLIP_FRAMES, SMALL_SIDE, SMALL_SIDE) for seed in seeds])
+            specs = [clip_spec(seed) for seed in seeds]
+            clips = torch.stack([render_clip(spec, CLIP_FRAMES, SMALL_SIDE, SMALL_SIDE) for spec in specs])
             latents.append(vae.encode(to_model_range(clips)).latent_dist.mode())
-            masks.append(object_masks(clips, [clip_spec(seed).background for seed in seeds], vae.config.scale_factor_spatial))
-            prompts += [clip_spec(seed).prompt for seed in seeds]
+            masks.append(object_masks(clips, [spec.background for spec in specs], vae.config.scale_factor_spatial))
+            prompts += [spec.prompt for spec in specs]
     stacked = torch.cat(latents)
     data = {"latents": stacked, "masks": torch.cat(masks), "prompts": prompts, "mean": stacked.mean(dim=(0, 2, 3, 4)),
             "std": stacked.std(dim=(0, 2, 3, 4))}
@@ -364,13 +365,13 @@ def rendered_batches(vae: torch.nn.Module, data: dict, sizes: ReferenceSizes, se
     first_seed = 20 * (settings.vae_steps + settings.vae_long_steps) * settings.vae_batch + settings.latent_clips
 
     def batch(step: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-        seeds = [first_seed + step * settings.finetune_batch + i for i in range(settings.finetune_batch)]
-        clips = torch.stack([render_clip(clip_spec(seed), sizes.frames, sizes.height, sizes.width) for seed in seeds])
+        specs = [clip_spec(first_seed + step * settings.finetune_batch + i) for i in range(settings.finetune_batch)]
+        clips = torch.stack([render_clip(spec, sizes.frames, sizes.height, sizes.width) for spec in specs])
         with torch.no_grad():
             latents = vae.encode(to_model_range(clips)).latent_dist.mode()
         latents = (latents - data["mean"].view(1, -1, 1, 1, 1)) / data["std"].view(1, -1, 1, 1, 1)
-        masks = object_masks(clips, [clip_spec(seed).background for seed in seeds], sizes.vae_scale)
-        return latents, [clip_spec(seed).prompt for seed in seeds], masks
+        masks = object_masks(clips, [spec.background for spec in specs], vae.config.scale_factor_spatial)
+        return latents, [spec.prompt for spec in specs], masks
 
     return batch
 
