@@ -25,8 +25,10 @@ Layouts (the sequence in the plan's token order unless ``q_rows``/``kv_rows`` sa
                  q_starts[i] .. q_starts[i+1]-1 (at most block_size_q); None: fixed blocks
     kv_starts    [Bp|1, H|1, nK+1] int or None  the same for the key blocks
 
-Variable blocks are computed as blocks of the full block size whose positions past the block's end
-are masked out (keys) or discarded (queries).
+Variable query blocks are computed as blocks of the full block size whose positions past the
+block's end are discarded. With variable key blocks, a row gathers only the keys its blocks hold
+(rows of a chunk padded to the longest, the padding masked out), so a block of a few keys costs a
+few keys, not a full block.
 """
 
 from __future__ import annotations
@@ -105,8 +107,11 @@ def block_sparse_attention_torch(
     live = counts > 0
     if q_starts is not None:
         live &= q_real.view(-1, bq).any(-1)
+    key_len = key_ok.sum(-1)  # valid keys of each block: a prefix of its slots
+    row_keys = None
     if kv_valid_len is not None or kv_starts is not None:
-        live &= _attends_valid_key(counts, offsets, indices, key_ok.any(-1), n_q)
+        row_keys = _row_sums(counts, offsets, indices, key_len, n_q)
+        live &= row_keys > 0
 
     out = q_src.new_empty(rows_out + 1, dim)
     dead = torch.nonzero(~live).squeeze(1)
@@ -119,15 +124,18 @@ def block_sparse_attention_torch(
 
     sparse_rows = torch.nonzero(live & ~full).squeeze(1)
     if sparse_rows.numel():
-        row_counts = counts[sparse_rows]
-        first, last = (indices[offsets[sparse_rows] + i] for i in (0, row_counts - 1))
-        # rows whose key blocks are one run read them in place: a chunk of such rows whose runs start
-        # a constant number of blocks apart is a strided view of the key (and value) blocks
-        run_starts = torch.where(last - first + 1 == row_counts, sparse_rows // n_q * n_k + first, -1)
-        chunks = _chunks(sparse_rows, row_counts, run_starts, bk * dim)
+        if kv_starts is not None:
+            chunks = _compact_chunks(sparse_rows, row_keys[sparse_rows], dim)
+        else:
+            row_counts = counts[sparse_rows]
+            first, last = (indices[offsets[sparse_rows] + i] for i in (0, row_counts - 1))
+            # rows whose key blocks are one run read them in place: a chunk of such rows whose runs start
+            # a constant number of blocks apart is a strided view of the key (and value) blocks
+            run_starts = torch.where(last - first + 1 == row_counts, sparse_rows // n_q * n_k + first, -1)
+            chunks = _chunks(sparse_rows, row_counts, run_starts, bk * dim)
         work = partial(
-            _attend_chunks, q_src, q_index, out_index, k_blocks, v_blocks, key_ok, offsets, indices, out,
-            n_q, n_k, scale, chunks,
+            _attend_chunks, q_src, q_index, out_index, k_blocks, v_blocks, None if bool(key_ok.all()) else key_ok,
+            key_len, counts, offsets, indices, out, n_q, n_k, bk, scale, chunks,
         )
         workers = min(torch.get_num_threads(), len(chunks)) if q.device.type == "cpu" else 1
         if workers == 1:
@@ -181,12 +189,20 @@ class _SharedCounter:
 class _Chunk(NamedTuple):
     """Query-block rows that each attend ``count`` key blocks, computed in one batched call. With
     ``run_start`` set, row ``i``'s key blocks are blocks ``run_start + i * run_step ..`` of the
-    block-major keys, read in place; otherwise they are gathered."""
+    block-major keys, read in place; otherwise they are gathered. A ``compact`` chunk's rows attend
+    at most ``count`` keys each, gathered key by key (variable key blocks)."""
 
     count: int
     rows: torch.Tensor
     run_start: int | None = None
     run_step: int = 0
+    compact: bool = False
+
+    def key_elements(self, block_elements: int, dim: int) -> int:
+        """Elements of the chunk's gathered keys (0 when they are read in place)."""
+        if self.run_start is not None:
+            return 0
+        return self.rows.numel() * self.count * (dim if self.compact else block_elements)
 
 
 def _chunks(rows: torch.Tensor, counts: torch.Tensor, run_starts: torch.Tensor, block_elements: int) -> list[_Chunk]:
@@ -201,6 +217,19 @@ def _chunks(rows: torch.Tensor, counts: torch.Tensor, run_starts: torch.Tensor, 
             chunks.extend(_Chunk(count, r) for r in torch.split(group, per_chunk))
         else:
             chunks.extend(_Chunk(count, group[b:e], starts[b], step) for b, e, step in _equal_steps(starts, per_chunk))
+    return chunks
+
+
+def _compact_chunks(rows: torch.Tensor, keys: torch.Tensor, dim: int) -> list[_Chunk]:
+    """Rows sorted by how many keys they attend (the most first), cut so that each chunk holds about
+    CHUNK_ELEMENTS of keys with every row padded to the chunk's longest."""
+    order = torch.argsort(keys, descending=True, stable=True)
+    rows, keys = rows[order], keys[order].tolist()
+    chunks, begin = [], 0
+    while begin < len(keys):
+        end = min(len(keys), begin + max(1, CHUNK_ELEMENTS // (keys[begin] * dim)))
+        chunks.append(_Chunk(keys[begin], rows[begin:end], compact=True))
+        begin = end
     return chunks
 
 
@@ -226,33 +255,61 @@ def _equal_steps(starts: list[int], limit: int):
 
 
 def _attend_chunks(
-    q_src, q_index, out_index, k_blocks, v_blocks, key_ok, offsets, indices, out, n_q, n_k, scale, chunks, todo
+    q_src, q_index, out_index, k_blocks, v_blocks, key_ok, key_len, counts, offsets, indices, out, n_q, n_k, bk,
+    scale, chunks, todo,
 ):
     """For each chunk number in ``todo``: gather the chunk's queries (and, unless they are read in
-    place, its key and value blocks) into this thread's buffers, attend, and write its rows of the
-    output."""
-    bq, bk, dim = q_index.shape[1], key_ok.shape[-1], q_src.shape[1]
+    place, its keys and values) into this thread's buffers, attend, and write its rows of the
+    output. ``key_ok`` is ``None`` when every key slot is valid."""
+    bq, dim = q_index.shape[1], q_src.shape[1]
     most_rows = max(c.rows.numel() for c in chunks)
-    most_blocks = max((c.count * c.rows.numel() for c in chunks if c.run_start is None), default=0)
+    most_keys = max(c.key_elements(bk * dim, dim) for c in chunks)
     for i in todo:
-        count, r, run_start, run_step = chunks[i]
+        count, r, run_start, run_step, compact = chunks[i]
         n = r.numel()
-        blocks = indices[offsets[r][:, None] + torch.arange(count, device=r.device)]
         bh = r // n_q
         qs = torch.index_select(q_src, 0, q_index[r].reshape(-1), out=_buffer("q", (most_rows * bq, dim), q_src)[: n * bq])
-        if run_start is None:
-            src = (bh[:, None] * n_k + blocks).reshape(-1)
-            ks, vs = (torch.index_select(x, 0, src, out=_buffer(name, (most_blocks, bk * dim), x)[: n * count])
-                      for name, x in (("k", k_blocks), ("v", v_blocks)))
+        if compact:
+            src, mask = _compact_key_slots(bh, counts[r], offsets[r], indices, key_len, n_k, bk, count)
+            rows, length = src, count
+        elif run_start is not None and key_ok is None:  # read in place, nothing to mask
+            rows, mask, length = None, None, count * bk
+        else:
+            blocks = indices[offsets[r][:, None] + torch.arange(count, device=r.device)]
+            mask = None if key_ok is None else key_ok[bh[:, None], blocks].reshape(n, count * bk)
+            rows, length = (bh[:, None] * n_k + blocks).reshape(-1), count * bk
+        if compact or run_start is None:
+            width = dim if compact else bk * dim
+            ks, vs = (
+                torch.index_select(x.view(-1, width), 0, rows, out=_buffer(name, (most_keys,), x)[: rows.numel() * width].view(-1, width))
+                for name, x in (("k", k_blocks), ("v", v_blocks))
+            )
         else:
             ks, vs = (_run_view(x, run_start, run_step, n, count) for x in (k_blocks, v_blocks))
-        mask = key_ok[bh[:, None], blocks]
-        mask = None if bool(mask.all()) else mask.reshape(n, 1, 1, count * bk)
+        mask = None if mask is None or bool(mask.all()) else mask.view(n, 1, 1, length)
         o = F.scaled_dot_product_attention(
-            qs.view(n, 1, bq, dim), ks.view(n, 1, count * bk, dim), vs.view(n, 1, count * bk, dim),
-            attn_mask=mask, scale=scale,
+            qs.view(n, 1, bq, dim), ks.view(n, 1, length, dim), vs.view(n, 1, length, dim), attn_mask=mask, scale=scale,
         )
         out.index_copy_(0, out_index[r].reshape(-1), o.view(n * bq, dim))
+
+
+def _compact_key_slots(bh, row_counts, row_offsets, indices, key_len, n_k, bk, length):
+    """Where each of ``n`` rows' keys are in the block-major key slots, its blocks' valid keys one
+    after another: ``[n * length]`` slot numbers and ``[n, length]`` whether the slot is one of
+    the row's keys (the rest is padding to ``length``)."""
+    width = int(row_counts.max())
+    j = torch.arange(width, device=bh.device)
+    takes = j < row_counts[:, None]
+    blocks = torch.where(takes, indices[(row_offsets[:, None] + j).clamp(max=indices.numel() - 1)], 0)
+    lens = torch.where(takes, key_len[bh[:, None], blocks], 0)                    # [n, width]
+    ends = lens.cumsum(1)
+    t = torch.arange(length, device=bh.device).expand(len(bh), -1).contiguous()
+    which = torch.searchsorted(ends, t, right=True)                               # the row's block of key t
+    real = which < width
+    which = which.clamp(max=width - 1)
+    within = t - (ends - lens).gather(1, which)
+    slots = (bh[:, None] * n_k + blocks.gather(1, which)) * bk + within
+    return torch.where(real, slots, 0).reshape(-1), real
 
 
 def _run_view(blocks: torch.Tensor, start: int, step: int, n: int, count: int) -> torch.Tensor:
@@ -340,11 +397,12 @@ def _valid_limit(batch: int, seq: int, kv_valid_len, device) -> torch.Tensor:
     return limit
 
 
-def _attends_valid_key(counts, offsets, indices, block_has_key, rows_per_head) -> torch.Tensor:
-    """Whether each row attends at least one valid key (text padding can leave a row with none)."""
+def _row_sums(counts, offsets, indices, per_block, rows_per_head) -> torch.Tensor:
+    """``per_block`` (``[B*H, n_k]``) summed over each row's key blocks: with the valid keys of
+    each block, how many valid keys a row attends (text padding can leave a row with none)."""
     row_ids = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
     ends = torch.cumsum(counts, 0)
     rank = torch.arange(row_ids.numel(), device=counts.device) - (ends - counts)[row_ids]
     blocks = indices[offsets.reshape(-1)[row_ids] + rank]
-    hits = block_has_key[row_ids // rows_per_head, blocks].long()
-    return torch.zeros_like(counts).index_add_(0, row_ids, hits) > 0
+    values = per_block[row_ids // rows_per_head, blocks].long()
+    return torch.zeros_like(counts).index_add_(0, row_ids, values)
