@@ -107,9 +107,9 @@ def block_sparse_attention_torch(
     live = counts > 0
     if q_starts is not None:
         live &= q_real.view(-1, bq).any(-1)
-    key_len = key_ok.sum(-1)  # valid keys of each block: a prefix of its slots
-    row_keys = None
+    key_len = row_keys = None
     if kv_valid_len is not None or kv_starts is not None:
+        key_len = key_ok.sum(-1)  # valid keys of each block: a prefix of its slots
         row_keys = _row_sums(counts, offsets, indices, key_len, n_q)
         live &= row_keys > 0
 
