@@ -33,16 +33,23 @@ if TYPE_CHECKING:
 DEFAULT_HELDOUT = 2  # held-out prompts the reference model runs when no --prompts are given
 
 
+def _runs_reference(model: str | None) -> bool:
+    from .reference import is_trained_reference
+
+    return model is None or is_trained_reference(model)
+
+
 def default_prompts(model: str | None, heldout: int | None) -> list[str]:
     """The prompts of a run without ``--prompts``: the reference model's first held-out prompts
-    (``heldout`` of them, default :data:`DEFAULT_HELDOUT`), or a generic prompt for ``--model``.
+    (``heldout`` of them, default :data:`DEFAULT_HELDOUT`) for the reference model or a folder its
+    training command wrote, or a generic prompt for any other ``--model``.
 
     Example::
 
         >>> default_prompts(None, 1)
         ['a blue circle moving up on a black background']
     """
-    if model is not None:
+    if not _runs_reference(model):
         return MODEL_PROMPTS
     from .reference import heldout_prompts
 
@@ -54,12 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_argument_group("model and prompts")
     what.add_argument("--model", default=None,
-                      help="diffusers model id or local directory (default: the shipped reference model)")
+                      help="diffusers model id or local directory (default: the shipped reference model); a folder "
+                           "the reference training command wrote runs as the reference model does")
     what.add_argument("--prompts", nargs="+", default=None, metavar="TEXT_OR_FILE",
                       help="prompts, or text files with one prompt per line (blank and # lines skipped)")
     what.add_argument("--heldout", type=int, default=None, metavar="N",
                       help=f"the reference model's first N held-out prompts (its measurement set; default "
-                           f"{DEFAULT_HELDOUT} when --prompts is left out)")
+                           f"{DEFAULT_HELDOUT} when --prompts is left out), for it or a retrained folder")
 
     sparse = parser.add_argument_group(
         "sparse configurations (a grid, or a file)",
@@ -125,8 +133,9 @@ def request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
     settings = GenerationSettings(args.steps, args.frames, args.height, args.width, args.guidance_scale, args.seed)
     try:
         configs = load_config_file(args.configs) if args.configs is not None else _grid(args)
-        if args.heldout is not None and (args.prompts or args.model is not None):
-            raise ValueError("--heldout picks the reference model's prompts: leave out --prompts and --model")
+        if args.heldout is not None and (args.prompts or not _runs_reference(args.model)):
+            raise ValueError("--heldout picks the reference model's prompts: leave out --prompts, and give --model "
+                             "only for a folder the reference training command wrote (it holds training.json)")
         prompts = _read_prompts(args.prompts) if args.prompts else default_prompts(args.model, args.heldout)
         check_dimensions(args.vbench)
         check_before_loading(args.model, settings, configs, args.out)

@@ -87,8 +87,9 @@ def check_sparse_steps(configs: list[SparseAttentionConfig], steps: int) -> None
 
 def model_facts(model: str | None) -> tuple[VideoSize | None, int | None]:
     """The video-size rules and default step count known before loading ``model``: from a local
-    pipeline folder's config files and its pipeline class's defaults (``None``: the reference model's
-    folder and its default steps), else ``(None, None)`` (a hub id: checked after loading).
+    pipeline folder's config files and its pipeline class's defaults (``None`` or a folder the
+    reference training command wrote: that folder and the reference default steps), else
+    ``(None, None)`` (a hub id: checked after loading).
 
     Example::
 
@@ -96,10 +97,10 @@ def model_facts(model: str | None) -> tuple[VideoSize | None, int | None]:
         >>> size.frame_step, size.side_multiple, steps
         (4, (16, 16), 16)
     """
-    if model is None:
-        from .reference import REFERENCE_MODEL_NAME, reference_call_kwargs, reference_model_dir
+    from .reference import REFERENCE_MODEL_NAME, is_trained_reference, reference_call_kwargs, reference_model_dir
 
-        return VideoSize.from_folder(reference_model_dir(), REFERENCE_MODEL_NAME), \
+    if model is None or is_trained_reference(model):
+        return VideoSize.from_folder(reference_model_dir() if model is None else Path(model), REFERENCE_MODEL_NAME), \
             reference_call_kwargs()["num_inference_steps"]
     folder = Path(model)
     if not folder.is_dir():

@@ -31,9 +31,23 @@ def test_defaults_are_the_reference_model_its_heldout_prompts_and_the_library_co
 
 
 def test_heldout_refuses_other_prompts_a_model_and_a_count_below_one(capsys):
-    assert "leave out --prompts and --model" in _error(["--heldout", "3", "--prompts", "a red fox"], capsys)
-    assert "leave out --prompts and --model" in _error(["--heldout", "3", "--model", "some/model"], capsys)
+    assert "leave out --prompts" in _error(["--heldout", "3", "--prompts", "a red fox"], capsys)
+    assert "give --model only for a folder the reference training command wrote" in _error(
+        ["--heldout", "3", "--model", "some/model"], capsys)
     assert "--heldout must be >= 1, got 0" in _error(["--heldout", "0"], capsys)
+
+
+def test_a_folder_the_training_command_wrote_runs_as_the_reference_model(tmp_path, capsys):
+    """A retrained folder (model_index.json and training.json, as the shipped one) takes --heldout and
+    the held-out prompts by default; a pipeline folder without training.json is any other model."""
+    from dit_sparse.eval.reference import reference_model_dir
+
+    folder = str(reference_model_dir())
+    assert _request(["--model", folder]).prompts == [prompt for _, prompt in heldout_prompts(2)]
+    assert _request(["--model", folder, "--heldout", "4"]).prompts == [prompt for _, prompt in heldout_prompts(4)]
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    assert default_prompts(str(tmp_path), None) != default_prompts(folder, None)
+    assert "give --model only for a folder" in _error(["--model", str(tmp_path), "--heldout", "2"], capsys)
 
 
 def test_a_loaded_model_defaults_to_the_library_config_and_flags_override_one_field_at_a_time():

@@ -116,6 +116,29 @@ def test_the_call_settings_encode_prompts_as_training_did(reference_pipe):
     assert eval_kwargs["max_sequence_length"] == kwargs["max_sequence_length"]
 
 
+def test_a_retrained_folder_loads_as_the_reference_model_does(tmp_path):
+    """The eval runs a folder the training command wrote (here a copy of the shipped one) with the
+    reference call settings and the detector, and names the folder; one without training.json is any
+    other pipeline."""
+    import shutil
+
+    from dit_sparse.eval.harness.models import load_model, load_reference_model
+    from dit_sparse.eval.harness.settings import GenerationSettings
+
+    folder = tmp_path / "retrained"
+    shutil.copytree(reference_model_dir(), folder)
+    shipped = load_reference_model(torch.device("cpu"), torch.float32)
+    retrained = load_model(str(folder), torch.device("cpu"), torch.float32)
+    assert retrained.reads_clips and str(folder) in retrained.name
+    assert retrained.defaults == shipped.defaults
+    prompt = "a red circle moving left on a black background"
+    kwargs = [{k: v for k, v in m.call_kwargs(prompt, GenerationSettings()).items() if k != "generator"}
+              for m in (retrained, shipped)]
+    assert kwargs[0] == kwargs[1] and kwargs[0]["max_sequence_length"] == reference_call_kwargs()["max_sequence_length"]
+    (folder / "training.json").unlink()
+    assert not load_model(str(folder), torch.device("cpu"), torch.float32).reads_clips
+
+
 def test_a_prompt_generates_end_to_end_and_unknown_words_still_generate(reference_pipe):
     kwargs = {"num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 2, "output_type": "np"}
     known = reference_pipe(prompt="a red circle moving left on a black background",

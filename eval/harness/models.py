@@ -159,9 +159,10 @@ def load_offline_model(spec: OfflineWanSpec, device: torch.device, dtype: torch.
     return EvalModel(pipe, OFFLINE_MODEL_NAME, random_weights=True, offline_spec=spec, defaults=defaults)
 
 
-def load_reference_model(device: torch.device, dtype: torch.dtype) -> EvalModel:
-    """The shipped reference model, loaded with the stock ``WanPipeline.from_pretrained``, with its
-    default generation settings.
+def load_reference_model(device: torch.device, dtype: torch.dtype, folder: Path | None = None) -> EvalModel:
+    """The shipped reference model, or the folder ``folder`` the reference training command wrote,
+    loaded with the stock ``WanPipeline.from_pretrained``, with the reference default generation
+    settings.
 
     Example::
 
@@ -173,19 +174,22 @@ def load_reference_model(device: torch.device, dtype: torch.dtype) -> EvalModel:
 
     from ..reference import REFERENCE_MODEL_NAME, reference_call_kwargs, reference_model_dir
 
-    pipe = WanPipeline.from_pretrained(reference_model_dir(), torch_dtype=dtype).to(device)
+    pipe = WanPipeline.from_pretrained(folder or reference_model_dir(), torch_dtype=dtype).to(device)
     kwargs = reference_call_kwargs()
     defaults = GenerationSettings(kwargs["num_inference_steps"], kwargs["num_frames"], kwargs["height"],
                                   kwargs["width"], kwargs["guidance_scale"])
-    return EvalModel(pipe, REFERENCE_MODEL_NAME, random_weights=False, defaults=defaults, reads_clips=True,
+    name = REFERENCE_MODEL_NAME if folder is None else f"{REFERENCE_MODEL_NAME}, trained into {folder}"
+    return EvalModel(pipe, name, random_weights=False, defaults=defaults, reads_clips=True,
                      call_extras={"max_sequence_length": kwargs["max_sequence_length"]})
 
 
 def load_model(model: str | None, device: torch.device, dtype: torch.dtype) -> EvalModel:
-    """The reference model (``model=None``) or a diffusers pipeline by model id or local directory,
-    on ``device`` in ``dtype``."""
-    if model is None:
-        return load_reference_model(device, dtype)
+    """The reference model (``model=None``, or a folder its training command wrote) or a diffusers
+    pipeline by model id or local directory, on ``device`` in ``dtype``."""
+    from ..reference import is_trained_reference
+
+    if model is None or is_trained_reference(model):
+        return load_reference_model(device, dtype, None if model is None else Path(model))
 
     from diffusers import DiffusionPipeline
 

@@ -42,6 +42,19 @@ def reference_model_dir() -> Path:
     return folder
 
 
+def is_trained_reference(model: str | Path | None) -> bool:
+    """Whether ``model`` is a pipeline folder written by the training command (it holds
+    ``model_index.json`` and ``training.json``), such as the shipped one: the eval runs such a folder
+    as it runs the shipped model (its held-out prompts, call settings and detector).
+
+    Example::
+
+        >>> is_trained_reference(reference_model_dir()), is_trained_reference("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+        (True, False)
+    """
+    return model is not None and all((Path(model) / name).is_file() for name in ("model_index.json", "training.json"))
+
+
 def reference_call_kwargs() -> dict[str, Any]:
     """The default generation settings to pass to the reference pipeline: Wan's own call defaults
     are 480p sizes and 512 text tokens, while the model was trained on 29 frames of 128x128 and
@@ -81,5 +94,5 @@ def prompt_choices(examples: int = 8) -> list[str]:
     return list(dict.fromkeys([prompt for _, prompt in heldout_prompts(examples)] + singles))
 
 
-__all__ = ["REFERENCE_MODEL_NAME", "heldout_prompts", "prompt_choices", "reference_call_kwargs", "reference_model_dir",
-           "unknown_words", "vocabulary"]
+__all__ = ["REFERENCE_MODEL_NAME", "heldout_prompts", "is_trained_reference", "prompt_choices", "reference_call_kwargs",
+           "reference_model_dir", "unknown_words", "vocabulary"]
