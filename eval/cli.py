@@ -33,12 +33,6 @@ if TYPE_CHECKING:
 DEFAULT_HELDOUT = 2  # held-out prompts the reference model runs when no --prompts are given
 
 
-def _runs_reference(model: str | None) -> bool:
-    from .reference import is_trained_reference
-
-    return model is None or is_trained_reference(model)
-
-
 def default_prompts(model: str | None, heldout: int | None) -> list[str]:
     """The prompts of a run without ``--prompts``: the reference model's first held-out prompts
     (``heldout`` of them, default :data:`DEFAULT_HELDOUT`) for the reference model or a folder its
@@ -49,9 +43,10 @@ def default_prompts(model: str | None, heldout: int | None) -> list[str]:
         >>> default_prompts(None, 1)
         ['a blue circle moving up on a black background']
     """
-    if not _runs_reference(model):
+    from .reference import heldout_prompts, runs_as_reference
+
+    if not runs_as_reference(model):
         return MODEL_PROMPTS
-    from .reference import heldout_prompts
 
     return [prompt for _, prompt in heldout_prompts(heldout or DEFAULT_HELDOUT)]
 
@@ -133,7 +128,9 @@ def request_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
     settings = GenerationSettings(args.steps, args.frames, args.height, args.width, args.guidance_scale, args.seed)
     try:
         configs = load_config_file(args.configs) if args.configs is not None else _grid(args)
-        if args.heldout is not None and (args.prompts or not _runs_reference(args.model)):
+        from .reference import runs_as_reference
+
+        if args.heldout is not None and (args.prompts or not runs_as_reference(args.model)):
             raise ValueError("--heldout picks the reference model's prompts: leave out --prompts, and give --model "
                              "only for a folder the reference training command wrote (it holds training.json)")
         prompts = _read_prompts(args.prompts) if args.prompts else default_prompts(args.model, args.heldout)

@@ -97,9 +97,9 @@ def model_facts(model: str | None) -> tuple[VideoSize | None, int | None]:
         >>> size.frame_step, size.side_multiple, steps
         (4, (16, 16), 16)
     """
-    from .reference import REFERENCE_MODEL_NAME, is_trained_reference, reference_call_kwargs, reference_model_dir
+    from .reference import REFERENCE_MODEL_NAME, reference_call_kwargs, reference_model_dir, runs_as_reference
 
-    if model is None or is_trained_reference(model):
+    if runs_as_reference(model):
         return VideoSize.from_folder(reference_model_dir() if model is None else Path(model), REFERENCE_MODEL_NAME), \
             reference_call_kwargs()["num_inference_steps"]
     folder = Path(model)

@@ -269,23 +269,24 @@ def _attend_chunks(
         n = r.numel()
         bh = r // n_q
         qs = torch.index_select(q_src, 0, q_index[r].reshape(-1), out=_buffer("q", (most_rows * bq, dim), q_src)[: n * bq])
+        # rows: the key slots (compact) or key blocks to gather; None where the blocks are read in place
         if compact:
-            src, mask = _compact_key_slots(bh, counts[r], offsets[r], indices, key_len, n_k, bk, count)
-            rows, length = src, count
-        elif run_start is not None and key_ok is None:  # read in place, nothing to mask
-            rows, mask, length = None, None, count * bk
+            rows, mask = _compact_key_slots(bh, counts[r], offsets[r], indices, key_len, n_k, bk, count)
+            length, width = count, dim
         else:
-            blocks = indices[offsets[r][:, None] + torch.arange(count, device=r.device)]
-            mask = None if key_ok is None else key_ok[bh[:, None], blocks].reshape(n, count * bk)
-            rows, length = (bh[:, None] * n_k + blocks).reshape(-1), count * bk
-        if compact or run_start is None:
-            width = dim if compact else bk * dim
+            length, width = count * bk, bk * dim
+            blocks = None
+            if run_start is None or key_ok is not None:
+                blocks = indices[offsets[r][:, None] + torch.arange(count, device=r.device)]
+            mask = None if key_ok is None else key_ok[bh[:, None], blocks].reshape(n, length)
+            rows = None if run_start is not None else (bh[:, None] * n_k + blocks).reshape(-1)
+        if rows is None:
+            ks, vs = (_run_view(x, run_start, run_step, n, count) for x in (k_blocks, v_blocks))
+        else:
             ks, vs = (
                 torch.index_select(x.view(-1, width), 0, rows, out=_buffer(name, (most_keys,), x)[: rows.numel() * width].view(-1, width))
                 for name, x in (("k", k_blocks), ("v", v_blocks))
             )
-        else:
-            ks, vs = (_run_view(x, run_start, run_step, n, count) for x in (k_blocks, v_blocks))
         mask = None if mask is None or bool(mask.all()) else mask.view(n, 1, 1, length)
         o = F.scaled_dot_product_attention(
             qs.view(n, 1, bq, dim), ks.view(n, 1, length, dim), vs.view(n, 1, length, dim), attn_mask=mask, scale=scale,

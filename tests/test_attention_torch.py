@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from dit_sparse import BlockSparsePlan, TokenLayout, sparse_attention
-from random_plans import random_plan, random_starts
+from random_plans import random_plan
 
 CASES = [
     # grid, text_len, text_first, valid_text_len, batch, block_size
@@ -148,8 +148,8 @@ def test_torch_backend_is_exact_on_any_thread_count(threads, monkeypatch):
     assert (out - ref).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("block,kv_variable", [(32, False), ((32, 16), False)])
-def test_rows_whose_key_blocks_are_one_run_read_them_in_place(block, kv_variable, monkeypatch):
+@pytest.mark.parametrize("block", [32, (32, 16)])
+def test_rows_whose_key_blocks_are_one_run_read_them_in_place(block, monkeypatch):
     """Band rows (one run of key blocks each; runs 0, 1 and 2 blocks apart, and broken runs) take the
     strided in-place path, and still equal the reference."""
     import dit_sparse.kernels.block_sparse_attention_torch as torch_kernel
@@ -160,16 +160,12 @@ def test_rows_whose_key_blocks_are_one_run_read_them_in_place(block, kv_variable
     monkeypatch.setattr(torch_kernel, "CHUNK_ELEMENTS", 1 << 14)
     layout = TokenLayout((4, 8, 8))
     bq, bk = (block, block) if isinstance(block, int) else block
-    g = torch.Generator().manual_seed(3)
-    kv_starts = random_starts(layout, bk, 1, 1, g) if kv_variable else None
-    n_q, n_k = layout.num_blocks(bq), layout.num_blocks(bk) if kv_starts is None else kv_starts.shape[-1] - 1
+    n_q, n_k = layout.num_blocks(bq), layout.num_blocks(bk)
     rows = torch.arange(n_q)
     starts = torch.stack([rows // 2, rows, 2 * rows]).clamp(max=n_k - 3)
     mask = (torch.arange(n_k) >= starts[..., None]) & (torch.arange(n_k) < starts[..., None] + 3)
     mask[2, 5, 0] = True  # a row of two runs: gathered
-    plan = BlockSparsePlan.from_block_mask(
-        mask[None], layout, block, q_order=layout.tile_order((1, 4, 4)), kv_starts=kv_starts
-    )
+    plan = BlockSparsePlan.from_block_mask(mask[None], layout, block, q_order=layout.tile_order((1, 4, 4)))
     q, k, v = qkv(layout, 3, 2)
     out = sparse_attention(q, k, v, plan, backend="torch")
     assert {0, 1, 2} <= set(views)

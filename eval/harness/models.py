@@ -186,9 +186,9 @@ def load_reference_model(device: torch.device, dtype: torch.dtype, folder: Path 
 def load_model(model: str | None, device: torch.device, dtype: torch.dtype) -> EvalModel:
     """The reference model (``model=None``, or a folder its training command wrote) or a diffusers
     pipeline by model id or local directory, on ``device`` in ``dtype``."""
-    from ..reference import is_trained_reference
+    from ..reference import runs_as_reference
 
-    if model is None or is_trained_reference(model):
+    if runs_as_reference(model):
         return load_reference_model(device, dtype, None if model is None else Path(model))
 
     from diffusers import DiffusionPipeline

@@ -42,17 +42,17 @@ def reference_model_dir() -> Path:
     return folder
 
 
-def is_trained_reference(model: str | Path | None) -> bool:
-    """Whether ``model`` is a pipeline folder written by the training command (it holds
-    ``model_index.json`` and ``training.json``), such as the shipped one: the eval runs such a folder
-    as it runs the shipped model (its held-out prompts, call settings and detector).
+def runs_as_reference(model: str | Path | None) -> bool:
+    """Whether the eval runs ``model`` as the reference model (its held-out prompts, call settings and
+    detector): ``None`` (the shipped folder), or a pipeline folder the training command wrote (it
+    holds ``model_index.json`` and ``training.json``, as the shipped one does).
 
     Example::
 
-        >>> is_trained_reference(reference_model_dir()), is_trained_reference("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
-        (True, False)
+        >>> [runs_as_reference(m) for m in (None, reference_model_dir(), "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")]
+        [True, True, False]
     """
-    return model is not None and all((Path(model) / name).is_file() for name in ("model_index.json", "training.json"))
+    return model is None or all((Path(model) / name).is_file() for name in ("model_index.json", "training.json"))
 
 
 def reference_call_kwargs() -> dict[str, Any]:
@@ -94,5 +94,5 @@ def prompt_choices(examples: int = 8) -> list[str]:
     return list(dict.fromkeys([prompt for _, prompt in heldout_prompts(examples)] + singles))
 
 
-__all__ = ["REFERENCE_MODEL_NAME", "heldout_prompts", "is_trained_reference", "prompt_choices", "reference_call_kwargs",
-           "reference_model_dir", "unknown_words", "vocabulary"]
+__all__ = ["REFERENCE_MODEL_NAME", "heldout_prompts", "prompt_choices", "reference_call_kwargs", "reference_model_dir",
+           "runs_as_reference", "unknown_words", "vocabulary"]
