@@ -55,7 +55,7 @@ def kmeans(
             raise ValueError(f"init must be [G, C, D] = {(groups, num_clusters, dim)}, got {tuple(init.shape)}")
         centroids = init.float().to(x.device)
     for _ in range(iters):
-        centroids = _update(x, _assign(x, centroids, total_rows), centroids, total_rows)
+        centroids = cluster_means(x, _assign(x, centroids, total_rows), centroids, total_rows)
     return _assign(x, centroids, total_rows), centroids
 
 
@@ -95,18 +95,24 @@ def _assign(x: torch.Tensor, centroids: torch.Tensor, chunk_groups: int) -> torc
     return labels
 
 
-def _update(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, chunk_groups: int) -> torch.Tensor:
-    """Mean of each cluster's points; empty clusters stay put. Sums are products with a one-hot
-    assignment (no atomic adds), so they do not depend on thread timing on any device; the chunks
-    of points they add up are sized for ``chunk_groups`` groups, so they add in the same order
-    whichever share of those groups is clustered."""
-    groups, num_clusters, _ = centroids.shape
-    sums = torch.zeros_like(centroids)
-    counts = torch.zeros(groups, num_clusters, 1, device=x.device)
-    step = max(1, chunk_scores(x.device) // (chunk_groups * num_clusters))
-    for first in range(0, x.shape[1], step):
-        chunk = labels[:, first : first + step, None]
-        one_hot = torch.zeros(groups, chunk.shape[1], num_clusters, device=x.device).scatter_(2, chunk, 1.0)
-        sums.baddbmm_(one_hot.transpose(1, 2), x[:, first : first + step])
-        counts += one_hot.sum(1)[..., None]
+def cluster_means(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, chunk_groups: int | None = None) -> torch.Tensor:
+    """Mean of each cluster's points; empty clusters stay put. Sums do not depend on thread timing
+    or on the other groups: on CPU an ``index_add_`` adds each cluster's points in their order; on
+    other devices (whose scatter adds are atomic) they are products with a one-hot assignment, over
+    chunks of points sized for ``chunk_groups`` groups, so they add in the same order whichever
+    share of those groups is clustered."""
+    groups, num_clusters, dim = centroids.shape
+    chunk_groups = groups if chunk_groups is None else chunk_groups
+    rows = (labels + torch.arange(groups, device=x.device)[:, None] * num_clusters).flatten()
+    counts = torch.zeros(groups * num_clusters, device=x.device).index_add_(0, rows, torch.ones_like(rows, dtype=x.dtype))
+    counts = counts.view(groups, num_clusters, 1)
+    if x.device.type == "cpu":
+        sums = torch.zeros(groups * num_clusters, dim).index_add_(0, rows, x.reshape(-1, dim)).view_as(centroids)
+    else:
+        sums = torch.zeros_like(centroids)
+        step = max(1, chunk_scores(x.device) // (chunk_groups * num_clusters))
+        for first in range(0, x.shape[1], step):
+            chunk = labels[:, first : first + step, None]
+            one_hot = torch.zeros(groups, chunk.shape[1], num_clusters, device=x.device).scatter_(2, chunk, 1.0)
+            sums.baddbmm_(one_hot.transpose(1, 2), x[:, first : first + step])
     return torch.where(counts > 0, sums / counts.clamp(min=1), centroids)

@@ -18,7 +18,7 @@ from .layout import TokenLayout
 from .plan import _bounds as block_bounds
 from .plan import _text_blocks
 
-__all__ = ["Candidate", "RowSample", "estimate_errors", "sample_rows"]
+__all__ = ["Candidate", "RowSample", "estimate_errors", "estimate_errors_and_recall", "sample_rows"]
 
 
 def sample_rows(layout: TokenLayout, count: int, seed: int = 0, within: int | None = None) -> torch.Tensor:
@@ -119,6 +119,31 @@ def estimate_errors(
         >>> errors[0].abs().max().item() < 1e-6, bool((errors[1] > 0.1).all())
         (True, True)
     """
+    return estimate_errors_and_recall(sample, block_size, orders, candidates, plan_batch, starts)[0]
+
+
+def estimate_errors_and_recall(
+    sample: RowSample,
+    block_size: tuple[int, int],
+    orders: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    candidates: list[Candidate],
+    plan_batch: int,
+    starts: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`estimate_errors` and, from the same rows, each candidate's recall ``[C, plan_batch, H]``:
+    the share of a sampled row's attention mass its mask keeps, averaged over the rows.
+
+    Example::
+
+        >>> layout = TokenLayout((2, 8, 8))
+        >>> q, k, v = (torch.randn(1, 128, 2, 16) for _ in range(3))
+        >>> sample = RowSample.of(q, k, v, layout, count=16, seed=0)
+        >>> order = torch.arange(128)
+        >>> full = torch.ones(1, 2, 4, 4, dtype=torch.bool)
+        >>> errors, recall = estimate_errors_and_recall(sample, (32, 32), {"raster": (order, order)}, [Candidate(full, "raster")], 1)
+        >>> recall.tolist()
+        [[[1.0, 1.0]]]
+    """
     layout, k, v = sample.layout, sample.k, sample.v
     batch, seq, heads, dim = k.shape
     bq, bk = block_size
@@ -127,6 +152,7 @@ def estimate_errors(
     key_bias = torch.zeros(batch, seq, device=k.device).masked_fill_(layout.key_padding(batch).to(k.device), float("-inf"))
     sq_err = torch.zeros(len(candidates), batch, heads, device=k.device, dtype=torch.float64)
     sq_ref = torch.zeros(batch, heads, device=k.device, dtype=torch.float64)
+    kept_share = torch.zeros(len(candidates), batch, heads, device=k.device, dtype=torch.float64)
     groups = []
     for name, (q_order, kv_order) in orders.items():
         members = [i for i, c in enumerate(candidates) if c.orders == name]
@@ -138,6 +164,7 @@ def estimate_errors(
             members, torch.stack([candidates[i].mask.expand(batch, heads, -1, -1) for i in members]),   # [M, B, H, nQ, nK]
             kv_order, q_bounds, k_bounds, _text_blocks(k_bounds, layout), _text_blocks(q_bounds, layout),
             TokenLayout.inverse(q_order)[..., sample.rows],                                              # [B, H, R]
+            name in starts,
         ))
     # each group of heads holds its keys and values, those values in every order's blocks, and its scores and weights
     head_chunk = max(1, min(heads, _CHUNK_ELEMENTS // (seq * ((2 + len(groups)) * dim + 3 * _ROW_CHUNK))))
@@ -148,19 +175,18 @@ def estimate_errors(
             hs = slice(first, min(first + head_chunk, heads))
             # keys and values in the original order, and a last row that is no key: slots past a block's end read it
             k_heads, v_heads = (torch.nn.functional.pad(x[b, :, hs].transpose(0, 1).float(), (0, 0, 0, 1)) for x in (k, v))
-            slots = [_slot_rows(g.kv_order[b, hs], g.k_bounds[b, hs], bk, seq) for g in groups]       # [h * nK * bk] each
-            values = [v_heads.flatten(0, 1).index_select(0, rows).view(-1, bk, dim) for rows in slots]  # [h * nK, bk, D]
+            slots = [_slot_classes(g.kv_order[b, hs], g.k_bounds[b, hs], bk, seq, g.variable) for g in groups]
+            values = [[v_heads.flatten(0, 1).index_select(0, rows).view(-1, width, dim) for _, width, rows in classes]
+                      for classes in slots]                                                            # [n, width, D] each
             for rows in torch.arange(len(sample.rows), device=k.device).split(_ROW_CHUNK):
                 q_rows = sample.q_rows[b, rows, hs].float().transpose(0, 1) * scale                    # [h, r, D]
                 scores = torch.baddbmm(key_bias[b], k_heads, q_rows.transpose(1, 2))                   # [h, S + 1, r]
                 weights = (scores - scores.amax(1, keepdim=True)).exp().flatten(0, 1)                  # [h * (S + 1), r]
                 del scores
                 h, r = q_rows.shape[:2]
-                for g, slot_rows, in_blocks in zip(groups, slots, values):
-                    blocked = weights.index_select(0, slot_rows).view(-1, bk, r)                       # [h * nK, bk, r]
-                    numer = torch.bmm(blocked.transpose(1, 2), in_blocks).view(h, -1, r, dim)          # [h, nK, r, D]
-                    denom = blocked.sum(1).view(h, -1, r)                                              # [h, nK, r]
-                    del blocked
+                for g, classes, in_blocks in zip(groups, slots, values):
+                    numer, denom = _block_sums(weights, classes, in_blocks, h * (g.k_bounds.shape[-1] - 1))
+                    numer, denom = numer.view(h, -1, r, dim), denom.view(h, -1, r)                     # [h, nK, r, (D)]
                     dense = numer.sum(1) / denom.sum(1)[..., None]                                     # [h, r, D]
                     if g is groups[0]:
                         sq_ref[b, hs] += dense.double().pow(2).sum((1, 2))
@@ -171,12 +197,15 @@ def estimate_errors(
                     text_row = g.text_query[b, hs].gather(1, q_block)[..., None]
                     row_masks = (row_masks | g.text_key[b, hs][:, None, :] | text_row).float()         # [M, h, r, nK]
                     kept = (row_masks * denom.transpose(1, 2)).sum(-1, keepdim=True)
+                    kept_share[g.members, b, hs] += (kept[..., 0] / denom.sum(1)[None]).double().sum(-1)
                     out = torch.einsum("mhrc,hcrd->mhrd", row_masks, numer) / kept.clamp(min=1e-30)
                     out = torch.where(kept > 0, out, 0.0)
                     sq_err[g.members, b, hs] += (out - dense).double().pow(2).sum((2, 3))
+    rows = torch.full_like(sq_ref, len(sample.rows))
     if plan_batch == 1:
         sq_err, sq_ref = sq_err.sum(1, keepdim=True), sq_ref.sum(0, keepdim=True)
-    return (sq_err / sq_ref.clamp(min=1e-30)).sqrt().float()
+        kept_share, rows = kept_share.sum(1, keepdim=True), rows.sum(0, keepdim=True)
+    return (sq_err / sq_ref.clamp(min=1e-30)).sqrt().float(), (kept_share / rows).float()
 
 
 @dataclass
@@ -191,6 +220,7 @@ class _OrderGroup:
     text_key: torch.Tensor
     text_query: torch.Tensor
     positions: torch.Tensor
+    variable: bool
 
 
 def _per_head(order: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
@@ -204,11 +234,59 @@ def _bounds(starts: torch.Tensor | None, layout: TokenLayout, block: int, batch:
     return _per_head(block_bounds(None if starts is None else starts.long(), layout, block, device), batch, heads)
 
 
-def _slot_rows(kv_order: torch.Tensor, bounds: torch.Tensor, block: int, seq: int) -> torch.Tensor:
-    """``[h * nK * block]`` the row of each slot of the order's key blocks (``[h, S]`` order,
-    ``[h, nK + 1]`` block ``bounds``; ``block`` slots per block) in ``h`` stacked key arrays of
-    ``seq + 1`` rows each: its key's original position, or ``seq`` (no key) past the block's end."""
-    slots = bounds[:, :-1, None] + torch.arange(block, device=bounds.device)                    # [h, nK, block]
-    real = (slots < bounds[:, 1:, None]).flatten(1)
-    keys = torch.where(real, kv_order.gather(1, torch.where(real, slots.flatten(1), 0)), seq)
-    return (keys + (seq + 1) * torch.arange(keys.shape[0], device=keys.device)[:, None]).flatten()
+def _slot_classes(
+    kv_order: torch.Tensor, bounds: torch.Tensor, block: int, seq: int, variable: bool
+) -> list[tuple[torch.Tensor | None, int, torch.Tensor]]:
+    """The key blocks of ``h`` heads (``[h, S]`` order, ``[h, nK + 1]`` block ``bounds``) as classes
+    of slots of one width, ``(blocks, width, rows)``: ``blocks`` the flat indices (``head * nK +
+    block``) of the class's blocks (``None``: every block, in order), ``rows`` the row of each slot
+    (see :func:`_slot_rows`). Fixed blocks are one class of ``block`` slots; variable blocks go by
+    their length rounded up to a quarter of ``block``, so a short block fills few slots, and empty
+    blocks get none."""
+    if not variable:
+        return [(None, block, _slot_rows(kv_order, bounds, block, seq))]
+    step = max(1, block // 4)
+    widths = (-(-(bounds[:, 1:] - bounds[:, :-1]) // step) * step).flatten()
+    classes = []
+    for width in widths.unique().tolist():
+        if width:
+            blocks = torch.nonzero(widths == width).squeeze(1)
+            classes.append((blocks, width, _slot_rows(kv_order, bounds, width, seq, blocks)))
+    return classes
+
+
+def _slot_rows(
+    kv_order: torch.Tensor, bounds: torch.Tensor, width: int, seq: int, blocks: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[n * width]`` the row of each slot of the order's key blocks (``[h, S]`` order, ``[h, nK + 1]``
+    block ``bounds``; ``width`` slots per block; the flat ``blocks`` ``head * nK + block``, default
+    all) in ``h`` stacked key arrays of ``seq + 1`` rows each: its key's original position, or ``seq``
+    (no key) past the block's end."""
+    heads, n_k = bounds.shape[0], bounds.shape[1] - 1
+    head = torch.arange(heads, device=bounds.device).repeat_interleave(n_k)
+    first, end = bounds[:, :-1].flatten(), bounds[:, 1:].flatten()
+    if blocks is not None:
+        head, first, end = head[blocks], first[blocks], end[blocks]
+    slots = first[:, None] + torch.arange(width, device=bounds.device)                          # [n, width]
+    real = slots < end[:, None]
+    keys = torch.where(real, kv_order[head[:, None], torch.where(real, slots, 0)], seq)
+    return (keys + (seq + 1) * head[:, None]).flatten()
+
+
+def _block_sums(
+    weights: torch.Tensor, classes: list[tuple[torch.Tensor | None, int, torch.Tensor]], values: list[torch.Tensor],
+    n_blocks: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per key block of :func:`_slot_classes`, ``[n_blocks, r, D]`` the softmax numerator
+    (``weights`` ``[h * (S + 1), r]`` times the block's ``values``) and ``[n_blocks, r]`` the
+    denominator; blocks no class holds are zero."""
+    r, dim = weights.shape[1], values[0].shape[-1]
+    if len(classes) == 1 and classes[0][0] is None:
+        blocked = weights.index_select(0, classes[0][2]).view(n_blocks, -1, r)
+        return torch.bmm(blocked.transpose(1, 2), values[0]), blocked.sum(1)
+    numer, denom = weights.new_zeros(n_blocks, r, dim), weights.new_zeros(n_blocks, r)
+    for (blocks, width, rows), in_blocks in zip(classes, values):
+        blocked = weights.index_select(0, rows).view(-1, width, r)                              # [n, width, r]
+        numer[blocks] = torch.bmm(blocked.transpose(1, 2), in_blocks)
+        denom[blocks] = blocked.sum(1)
+    return numer, denom

@@ -1,7 +1,8 @@
 """The planner: from one dense attention call's q and k to a per-head :class:`BlockSparsePlan`.
 
 Calibration measures what the families need once: the block mass over the tile order and, for the
-semantic family, each head's query/key clustering and the block mass over its cluster orders.
+semantic family, each head's query/key clustering (and the same with each key cluster split in two)
+and the block mass over its cluster orders.
 Planning turns that into a mask per head for the configured pattern and budget. ``auto`` keeps, per
 head, the family whose mask has the lowest estimated output error at the budget (exact dense and
 sparse outputs on sampled query rows), then spends at most ``fallback_share`` of the budget on more
@@ -36,11 +37,11 @@ from .families import (
     fit_radial,
     fit_radial_band,
     fit_spatiotemporal,
-    semantic_block_mask,
+    semantic_block_masks,
 )
-from .families.semantic import SemanticClustering
+from .families.semantic import SemanticClustering, split_key_clusters
 from .layout import TokenLayout
-from .output_error import Candidate, RowSample, estimate_errors
+from .output_error import Candidate, RowSample, estimate_errors, estimate_errors_and_recall
 from .plan import BlockSparsePlan
 from .plan import _bounds as block_bounds
 from .scoring import BestPerHead, recall, target_density, video_density
@@ -74,18 +75,22 @@ class PlanReport:
 
 
 # The token orders a family's variants use: the tile order, the raster order, the position-major
-# order (all shared by every head) and each head's cluster orders, in fixed blocks ("semantic") or
-# in cluster-aligned blocks ("clusters").
+# order (all shared by every head) and each head's cluster orders, in fixed blocks ("semantic", SVG2's
+# rule) or in cluster-aligned blocks, of the key clusters as made ("clusters") or each split in two
+# ("fine_clusters").
 FAMILY_ORDERS = {
     "radial": ("tile", "raster"),
     "spatiotemporal": ("tile", "raster", "position"),
-    "semantic": ("semantic", "clusters"),
+    "semantic": ("clusters", "fine_clusters"),
     "adaptive": ("tile",),
     "radial_paper": ("raster",),
     "svg1": ("raster", "position"),
     "svg2": ("semantic",),
 }
 PEERS = ("radial_paper", "svg1", "svg2")
+# Orders over cluster-aligned blocks: the semantic family's masks there come from the centroids, so
+# only the recall rule reads their measured block mass (auto by error takes recall from its rows).
+CLUSTER_ORDERS = ("clusters", "fine_clusters")
 
 
 @dataclass
@@ -95,10 +100,13 @@ class Calibration:
     Attributes:
         layout, block_size, tile: the geometry it was measured on.
         batch_size, num_heads: the plans' batch (1 when shared across the batch) and heads.
-        orders: by name (``"tile"``, ``"raster"``, ``"position"``, ``"semantic"``), the
-            ``(q_order, kv_order)`` pairs measured (``[S]``, or ``[B, H, S]`` for ``"semantic"``).
-        masses: by the same names, the ``[B, H, nQ, nK]`` block mass over that order.
+        orders: by name (``"tile"``, ``"raster"``, ``"position"``, and the cluster orders
+            ``"semantic"``, ``"clusters"``, ``"fine_clusters"``), the ``(q_order, kv_order)``
+            pairs (``[S]``, or ``[B, H, S]`` for the cluster orders).
+        masses: by the same names, the ``[B, H, nQ, nK]`` block mass over that order (those
+            planning reads: see :func:`calibrate`).
         clustering: the semantic family's k-means (``None`` when no pattern needs it).
+        fine_clustering: the same with each key cluster split in two (``"fine_clusters"``).
         seconds: wall time of the calibration.
         rows: the sampled query rows, keys and values for the output-error estimate (``None`` when
             the pattern does not choose by error).
@@ -119,6 +127,7 @@ class Calibration:
     rows: RowSample | None = None
     ulysses: UlyssesGroup | None = None
     starts: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    fine_clustering: SemanticClustering | None = None
 
     @property
     def tile_order(self) -> torch.Tensor:
@@ -176,6 +185,11 @@ def calibrate(
 
     Never holds an ``S x S`` matrix: block masses come from the chunked two-pass measurement
     (the Triton kernel on CUDA), output errors from ``config.error_rows`` sampled query rows.
+
+    It measures what ``config`` plans with: ``auto`` by error measures no block mass over the
+    semantic family's cluster orders (its masks there come from the centroids, its recall from the
+    sampled rows). To plan every pattern from one calibration, calibrate with ``pattern="auto"`` and
+    ``min_recall=0.0`` (every family's block mass, and the sampled rows).
     """
     start = time.perf_counter()
     _check_inputs(q, k, layout)
@@ -191,12 +205,12 @@ def calibrate(
     families = FAMILIES if config.pattern == "auto" else () if config.pattern == "dense" else (config.pattern,)
     needed = {name for family in families for name in FAMILY_ORDERS[family]}
     orders = {"tile": (layout.tile_order(tile).to(q.device),) * 2}
-    clustering, starts = None, {}
+    clustering, fine, starts = None, None, {}
     if "raster" in needed:
         orders["raster"] = (layout.identity_order().to(q.device),) * 2
     if "position" in needed:
         orders["position"] = (layout.position_order().to(q.device),) * 2
-    if "semantic" in needed or "clusters" in needed:
+    if needed & {"semantic", *CLUSTER_ORDERS}:
         q_in, k_in = (x.mean(0, keepdim=True) if share_batch else x for x in (q, k))
         counts = (config.query_clusters, config.key_clusters)
         if config.pattern == "svg2":
@@ -205,13 +219,17 @@ def calibrate(
             "heads": ulysses.heads(q.shape[2] * ulysses.size), "total_heads": q.shape[2] * ulysses.size
         }
         clustering = cluster_heads(q_in, k_in, layout, *counts, config.kmeans_iters, config.seed, **heads)
+        if "fine_clusters" in needed:
+            fine = split_key_clusters(clustering, k_in, layout, config.kmeans_iters)
+            orders["fine_clusters"] = fine.orders(layout)
+            starts["fine_clusters"] = tuple(s.to(q.device) for s in fine.block_starts(layout, blocks))
         orders["semantic"] = clustering.orders(layout)
         if "clusters" in needed:
             orders["clusters"] = orders["semantic"]
             starts["clusters"] = tuple(s.to(q.device) for s in clustering.block_starts(layout, blocks))
     measured = measure_block_masses(
-        q, k, layout, blocks, {n: o for n, o in orders.items() if n in needed}, config.backend, config.mass_rows,
-        config.seed, starts,
+        q, k, layout, blocks, {n: o for n, o in orders.items() if n in _mass_orders(families, config)}, config.backend,
+        config.mass_rows, config.seed, starts,
     )
     masses = {name: _batch_mean(mass, share_batch) for name, mass in measured.items()}
     rows = None
@@ -222,7 +240,7 @@ def calibrate(
     batch = 1 if share_batch else q.shape[0]
     return Calibration(
         layout, blocks, tile, batch, q.shape[2], orders, masses, clustering, time.perf_counter() - start, rows, ulysses,
-        starts,
+        starts, fine,
     )
 
 
@@ -237,10 +255,13 @@ def plan_from_calibration(
     if config.pattern == "dense":
         return _dense_plan(calibration, start)
     families = FAMILIES if config.pattern == "auto" else (config.pattern,)
-    missing = sorted({name for family in families for name in FAMILY_ORDERS[family]} - set(calibration.masses))
+    missing = sorted(_mass_orders(families, config) - set(calibration.masses)) or sorted(
+        {name for family in families for name in FAMILY_ORDERS[family]} - set(calibration.orders)
+    )
     if missing:
         raise ValueError(
-            f"this calibration has no block mass over the {', '.join(missing)} order; calibrate with pattern={config.pattern!r}"
+            f"this calibration has no block mass over the {', '.join(missing)} order; calibrate with pattern={config.pattern!r}, "
+            "or with pattern='auto' and min_recall=0.0 to measure every family's"
         )
     budget = Budget.from_config(config)
     if config.pattern in PEERS:
@@ -316,12 +337,13 @@ def _plan_by_error(
     levels = [[c for family in per_family for c in family[i]] for i in range(len(level_budgets))]
     per_level = len(levels[0])
     candidates = [c for level in levels for c in level]
-    errors = estimate_errors(
+    errors, kept = estimate_errors_and_recall(
         calibration.rows, blocks, calibration.orders, candidates, calibration.batch_size, calibration.starts
     )
-    measured = [_recall_and_density(calibration, c) for c in candidates]
-    kept = torch.stack([k for k, _ in measured])
-    density = torch.stack([d for _, d in measured])
+    density = torch.stack([
+        video_density(c.mask, layout, blocks, calibration.starts.get(c.orders)).float().expand(errors.shape[1:])
+        for c in candidates
+    ])
     # per level, the candidate with the lowest error among those within the level's density (else the sparsest)
     limits = torch.tensor([target] + [level.density for level in level_budgets[1:]], device=density.device)
     by_level = (len(levels), per_level, *density.shape[1:])
@@ -436,7 +458,7 @@ def _candidates(
     layout, blocks, tile, masses = calibration.layout, calibration.block_size, calibration.tile, calibration.masses
     out: list[list[Candidate]] = [[] for _ in budgets]
     for order in FAMILY_ORDERS[family]:
-        mass = masses[order]
+        mass = masses.get(order)
         if family == "radial" and order == "tile":
             variants = [[fit.mask for fit in fit_radial(mass, layout, tile, blocks, budgets)]]
         elif family == "radial":
@@ -445,19 +467,24 @@ def _candidates(
         elif family == "spatiotemporal":
             fits = fit_spatiotemporal(mass, layout, tile, blocks, budgets) if order == "tile" else fit_band(mass, layout, blocks, budgets)
             variants = [[fit.mask for fit in fits]]
-        elif family == "semantic" and order == "clusters":
-            # a count budget in keys: the video density the fixed blocks' budget allows, so that both
-            # variants spend alike
-            keys = [b if b.is_mass else Budget(density=target_density(b, layout, blocks[1])) for b in budgets]
-            variants = [[semantic_block_mask(calibration.clustering, layout, blocks, k, starts=calibration.starts[order]) for k in keys]]
         elif family == "semantic":
-            variants = [[semantic_block_mask(calibration.clustering, layout, blocks, b) for b in budgets]]
+            # a count budget in keys: the video density a fixed-block family's budget allows, so that
+            # every family spends alike
+            keys = [b if b.is_mass else Budget(density=target_density(b, layout, blocks[1])) for b in budgets]
+            clustering = calibration.fine_clustering if order == "fine_clusters" else calibration.clustering
+            variants = [semantic_block_masks(clustering, layout, blocks, keys, starts=calibration.starts[order])]
         else:
             variants = [[adaptive_block_mask(mass, layout, blocks, b) for b in budgets]]
         for masks in variants:
             for per_budget, mask in zip(out, masks, strict=True):
-                per_budget.append(Candidate(mask.expand_as(mass), order, family))
+                per_budget.append(Candidate(mask.expand(calibration.batch_size, calibration.num_heads, -1, -1), order, family))
     return out
+
+
+def _mass_orders(families: tuple[str, ...], config: SparseAttentionConfig) -> set[str]:
+    """The orders whose block mass planning ``families`` under ``config`` reads."""
+    orders = {name for family in families for name in FAMILY_ORDERS[family]}
+    return orders - set(CLUSTER_ORDERS) if config.chooses_by_error else orders
 
 
 def _orders(calibration: Calibration, names: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from dit_sparse import output_error
 
 from dit_sparse import BlockSparsePlan, TokenLayout, sparse_attention
-from dit_sparse.output_error import Candidate, RowSample, estimate_errors, sample_rows
+from dit_sparse.output_error import Candidate, RowSample, estimate_errors, estimate_errors_and_recall, sample_rows
 
 
 def test_sample_rows_draws_one_video_row_per_stratum():
@@ -38,8 +38,11 @@ def test_estimate_matches_masked_dense_attention_on_the_sampled_rows(head_group,
     sample = RowSample.of(q, k, v, layout, count=20, seed=1)
     orders = {"tile": (layout.identity_order(), layout.identity_order()), "shuffled": (order, order)}
     candidates = [Candidate(masks[0], "tile"), Candidate(masks[1], "shuffled"), Candidate(masks[0], "shuffled")]
-    errors = estimate_errors(sample, blocks, orders, candidates, plan_batch=batch)
+    errors, recall = estimate_errors_and_recall(sample, blocks, orders, candidates, plan_batch=batch)
+    assert torch.equal(errors, estimate_errors(sample, blocks, orders, candidates, plan_batch=batch))
 
+    scores = torch.einsum("brhd,bshd->bhrs", q[:, sample.rows], k) * dim**-0.5
+    weights = scores.masked_fill(layout.key_padding(batch)[:, None, None, :], float("-inf")).softmax(-1)
     dense = F.scaled_dot_product_attention(
         *(x.transpose(1, 2) for x in (q, k, v)),
         attn_mask=BlockSparsePlan.from_block_mask(torch.ones(n, n, dtype=torch.bool).expand(heads, n, n), layout, 16)
@@ -51,6 +54,8 @@ def test_estimate_matches_masked_dense_attention_on_the_sampled_rows(head_group,
         sparse = _masked_attention_rows(q, k, v, plan, sample.rows)
         expected = ((sparse - dense).pow(2).sum((1, 3)) / dense.pow(2).sum((1, 3))).sqrt()
         assert torch.allclose(errors[c], expected, atol=1e-4), (c, errors[c], expected)
+        kept = plan.to_token_mask(batch)[:, :, sample.rows]                                  # [B, H, R, S]
+        assert torch.allclose(recall[c], (weights * kept).sum(-1).mean(-1), atol=1e-5), c
 
 
 def test_shared_masks_pool_the_rows_of_every_batch_element():
@@ -77,8 +82,9 @@ def test_estimate_over_variable_blocks_matches_masked_dense_attention():
     starts = (random_starts(layout, 16, heads, 1, g), random_starts(layout, 32, heads, 1, g))
     mask = torch.rand(1, heads, starts[0].shape[-1] - 1, starts[1].shape[-1] - 1, generator=g) < 0.4
     sample = RowSample.of(q, k, v, layout, count=30, seed=0)
-    error = estimate_errors(sample, blocks, {"clusters": (q_order, kv_order)}, [Candidate(mask, "clusters")], 1,
-                            starts={"clusters": starts})[0]
+    error, recall = (x[0] for x in estimate_errors_and_recall(
+        sample, blocks, {"clusters": (q_order, kv_order)}, [Candidate(mask, "clusters")], 1, starts={"clusters": starts}
+    ))
     plan = BlockSparsePlan.from_block_mask(mask, layout, blocks, q_order=q_order, kv_order=kv_order,
                                            q_starts=starts[0], kv_starts=starts[1])
     full = BlockSparsePlan.from_block_mask(torch.ones(heads, 1, 1, dtype=torch.bool), layout, 1024)
@@ -86,3 +92,5 @@ def test_estimate_over_variable_blocks_matches_masked_dense_attention():
     sparse = _masked_attention_rows(q, k, v, plan, sample.rows)
     expected = ((sparse - dense).pow(2).sum((1, 3)) / dense.pow(2).sum((1, 3))).sqrt()
     assert torch.allclose(error, expected, atol=1e-4)
+    weights = (torch.einsum("brhd,bshd->bhrs", q[:, sample.rows], k) * dim**-0.5).softmax(-1)
+    assert torch.allclose(recall, (weights * plan.to_token_mask(1)[:, :, sample.rows]).sum(-1).mean(-1), atol=1e-5)

@@ -17,9 +17,20 @@ LAYOUTS = [
 
 
 def spent(plan) -> torch.Tensor:
-    """``[B, H]`` video density of a plan, over its variable blocks when it has them."""
-    starts = (plan.block_starts("q"), plan.block_starts("kv")) if plan.variable_blocks else None
-    return video_density(plan.to_block_mask(), plan.layout, (plan.block_size_q, plan.block_size_k), starts)
+    """``[B, H]`` video density of each head as its budget counts it: in blocks for a head on fixed
+    blocks, in tokens for one on variable blocks (in a plan with variable blocks, a head on fixed
+    blocks has the fixed boundaries followed by empty blocks)."""
+    layout, blocks, mask = plan.layout, (plan.block_size_q, plan.block_size_k), plan.to_block_mask()
+    fixed = [layout.num_blocks(size) for size in blocks]
+    in_blocks = video_density(mask[..., : fixed[0], : fixed[1]], layout, blocks)
+    if not plan.variable_blocks:
+        return in_blocks
+    starts = (plan.block_starts("q"), plan.block_starts("kv"))
+    on_fixed = torch.ones_like(in_blocks, dtype=torch.bool)
+    for bounds, size, n in zip(starts, blocks, fixed):
+        own = torch.clamp(torch.arange(n + 1) * size, max=layout.seq_len)
+        on_fixed &= (bounds[..., : n + 1] == own).all(-1) & (bounds[..., n + 1 :] == layout.seq_len).all(-1)
+    return torch.where(on_fixed, in_blocks, video_density(mask, layout, blocks, starts))
 
 
 def qk(layout: TokenLayout, batch: int = 1, heads: int = 3, dim: int = 16):
@@ -120,10 +131,15 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="pass the layout of this attention call"):
         build_plan(q[:, :-1], k[:, :-1], layout, SparseAttentionConfig())
     calibration = calibrate(q, k, layout, SparseAttentionConfig(pattern="adaptive"))
-    with pytest.raises(ValueError, match="no block mass over the clusters, semantic order; calibrate with pattern=.semantic."):
+    with pytest.raises(ValueError, match="no block mass over the clusters, fine_clusters order; calibrate with pattern=.semantic."):
         plan_from_calibration(calibration, SparseAttentionConfig(pattern="semantic"))
     with pytest.raises(ValueError, match="measured with blocks"):
         plan_from_calibration(calibration, SparseAttentionConfig(pattern="adaptive", block_size=128))
+    # auto by error measures no block mass over the cluster orders: the recall rule cannot plan from it
+    by_error = calibrate(q, k, layout, SparseAttentionConfig(), v=k)
+    plan_from_calibration(by_error, SparseAttentionConfig(density=0.3))
+    with pytest.raises(ValueError, match="no block mass over the clusters, fine_clusters order.*min_recall=0.0"):
+        plan_from_calibration(by_error, SparseAttentionConfig(pattern="semantic"))
 
 
 def _sampled_error(data, plan, rows):
@@ -140,7 +156,8 @@ def synthetic():
     from dit_sparse.eval.synthetic import HEAD_TYPES, synthetic_attention
 
     data = synthetic_attention((4, 16, 16), HEAD_TYPES, head_dim=16, text_len=20, seed=1)
-    return data, calibrate(data.q, data.k, data.layout, SparseAttentionConfig(), v=data.v)
+    # the recall rule's calibration measures every family's block mass: it serves each pattern below
+    return data, calibrate(data.q, data.k, data.layout, SparseAttentionConfig(min_recall=0.0), v=data.v)
 
 
 def test_auto_picks_each_heads_family_with_the_lowest_output_error(synthetic):
@@ -149,6 +166,10 @@ def test_auto_picks_each_heads_family_with_the_lowest_output_error(synthetic):
     plan, report = plan_from_calibration(calibration, no_fallback)
     rows = calibration.rows.rows
     assert torch.allclose(report.error, _sampled_error(data, plan, rows), atol=1e-4)
+    # the recall it reports: the softmax mass its token mask keeps on the same rows
+    scores = torch.einsum("brhd,bshd->bhrs", data.q[:, rows], data.k) * data.q.shape[-1] ** -0.5
+    kept = (scores.softmax(-1) * plan.to_token_mask(1)[:, :, rows]).sum(-1).mean(-1)
+    assert torch.allclose(report.recall, kept, atol=1e-5)
     target = target_density(Budget(density=0.15), data.layout, 64)
     per_family = {}
     for name in FAMILIES:
@@ -196,19 +217,23 @@ def test_auto_defaults_keep_almost_every_head_sparse_even_when_every_head_errs()
 
 
 def test_auto_may_plan_semantic_heads_on_cluster_aligned_blocks(synthetic):
-    """The semantic family's cluster-aligned variant competes by estimated error like any other: a
-    head that takes it keeps the clusters' block boundaries in the plan (the other heads fixed blocks
-    followed by empty ones), its estimated error is its exact error, and the plan stays exact."""
+    """The semantic family's cluster-aligned variants (key clusters as made, and each split in two)
+    compete by estimated error like any other: a head that takes one keeps its clusters' block
+    boundaries in the plan (then empty blocks up to the plan's block count), its estimated error is
+    its exact error, and the plan stays exact."""
     data, calibration = synthetic
     plan, report = plan_from_calibration(calibration, SparseAttentionConfig(density=0.25, max_error=float("inf")))
-    clusters = calibration.starts["clusters"]
-    on_clusters = [
-        bool(torch.equal(plan.block_starts("q")[0, h], clusters[0][0, h]))
-        and bool(torch.equal(plan.block_starts("kv")[0, h], clusters[1][0, h]))
-        for h in range(plan.num_heads)
-    ]
-    assert plan.variable_blocks and any(on_clusters)
-    assert all(report.family[0][h] == "semantic" for h, chosen in enumerate(on_clusters) if chosen)
+    seq = data.layout.seq_len
+
+    def on(order: str, h: int) -> bool:
+        return all(
+            bool(torch.equal(got[: len(own)], own)) and bool((got[len(own):] == seq).all())
+            for got, own in ((plan.block_starts(w)[0, h], s[0, h]) for w, s in zip(("q", "kv"), calibration.starts[order]))
+        )
+
+    chosen = {order: [on(order, h) for h in range(plan.num_heads)] for order in ("clusters", "fine_clusters")}
+    assert plan.variable_blocks and any(any(heads) for heads in chosen.values())
+    assert all(report.family[0][h] == "semantic" for heads in chosen.values() for h, taken in enumerate(heads) if taken)
     assert torch.allclose(report.error, _sampled_error(data, plan, calibration.rows.rows), atol=1e-4)
     torch.testing.assert_close(
         sparse_attention(data.q, data.k, data.v, plan, backend="torch"),

@@ -5,7 +5,8 @@ import torch
 
 from dit_sparse import BlockSparsePlan, TokenLayout
 from dit_sparse.budget import Budget
-from dit_sparse.families import cluster_heads, semantic_block_mask, semantic_block_mass
+from dit_sparse.families import cluster_heads, semantic_block_mask, semantic_block_mass, semantic_block_masks
+from dit_sparse.families.semantic import SemanticClustering, split_key_clusters
 from dit_sparse.kmeans import kmeans
 
 
@@ -36,6 +37,40 @@ def test_kmeans_warm_start_stays_converged():
         kmeans(x, 3, iters=1, init=centroids[:, :2])
     with pytest.raises(ValueError, match="num_clusters"):
         kmeans(x, 100, iters=1)
+
+
+def test_split_separates_the_two_blobs_of_a_cluster_and_keeps_keys_in_their_cluster():
+    layout = TokenLayout((1, 10, 12), text_len=4)
+    n = layout.video_len
+    g = torch.Generator().manual_seed(0)
+    # two key clusters: 0 holds two blobs (interleaved in raster order), 1 one blob
+    blob = torch.randint(0, 2, (n,), generator=g)
+    parent = torch.where(torch.arange(n) < 90, 0, 1)
+    centres = torch.tensor([[6.0, 0.0, 0.0, 0.0], [-6.0, 0.0, 0.0, 0.0], [0.0, 0.0, 9.0, 0.0]])
+    video = centres[torch.where(parent == 0, blob, 2)] + 0.3 * torch.randn(n, 4, generator=g)
+    k = torch.cat([video, torch.randn(layout.text_len, 4, generator=g)])[None, :, None]      # (1, S, 1, 4)
+    means = torch.stack([video[parent == c].mean(0) for c in (0, 1)])[None, None]
+    coarse = SemanticClustering(torch.zeros(1, 1, n, dtype=torch.long), parent[None, None], means[:, :, :1], means)
+    fine = split_key_clusters(coarse, k, layout, iters=3)
+    assert torch.equal(fine.k_labels // 2, coarse.k_labels) and fine.k_centroids.shape == (1, 1, 4, 4)
+    in_first = fine.k_labels[0, 0, parent == 0]
+    assert torch.equal(in_first, blob[parent == 0]) or torch.equal(in_first, 1 - blob[parent == 0])
+    # every key is at least as near its own half's mean as its sibling's (brute force)
+    distance = torch.cdist(video, fine.k_centroids[0, 0])
+    own, sibling = fine.k_labels[0, 0], fine.k_labels[0, 0] ^ 1
+    assert (distance.gather(1, own[:, None]) <= distance.gather(1, sibling[:, None]) + 1e-5).all()
+    # the query clustering is untouched, the key order keeps each coarse cluster contiguous
+    assert fine.q_labels is coarse.q_labels
+    assert torch.equal(coarse.k_labels[0, 0, fine.orders(layout)[1][0, 0, :n]].diff().clamp(max=0), torch.zeros(n - 1, dtype=torch.long))
+
+
+def test_masks_at_several_budgets_come_from_one_estimate():
+    layout = TokenLayout((4, 16, 16), text_len=7)
+    clustering = cluster_heads(torch.randn(1, layout.seq_len, 2, 16), torch.randn(1, layout.seq_len, 2, 16), layout)
+    budgets = [Budget(density=0.1), Budget(density=0.3)]
+    for starts in (None, clustering.block_starts(layout, (64, 64))):
+        masks = semantic_block_masks(clustering, layout, (64, 64), budgets, starts=starts)
+        assert all(torch.equal(m, semantic_block_mask(clustering, layout, (64, 64), b, starts=starts)) for m, b in zip(masks, budgets))
 
 
 @pytest.mark.parametrize("text_first", [False, True])

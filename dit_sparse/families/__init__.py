@@ -3,7 +3,7 @@ block mask ``[..., nQ, nK]`` over a token order. The attention op does not know 
 
 from .adaptive import adaptive_block_mask
 from .radial import fit_radial, fit_radial_band, radial_band_thresholds, radial_block_mask, radial_thresholds
-from .semantic import SemanticClustering, cluster_heads, semantic_block_mask, semantic_block_mass
+from .semantic import SemanticClustering, cluster_heads, semantic_block_mask, semantic_block_mass, semantic_block_masks
 from .spatiotemporal import (
     band_thresholds,
     fit_band,
@@ -26,6 +26,7 @@ __all__ = [
     "radial_thresholds",
     "semantic_block_mask",
     "semantic_block_mass",
+    "semantic_block_masks",
     "spatiotemporal_block_mask",
     "spatiotemporal_thresholds",
 ]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..budget import Budget, keep_heaviest_keys
-from ..kmeans import kmeans
+from ..kmeans import cluster_means, kmeans
 from ..layout import TokenLayout
 from .adaptive import adaptive_block_mask
 
@@ -129,6 +129,47 @@ def cluster_heads(
     return SemanticClustering(q_labels, k_labels, q_centroids, k_centroids)
 
 
+def split_key_clusters(clustering: SemanticClustering, k: torch.Tensor, layout: TokenLayout, iters: int = 10) -> SemanticClustering:
+    """The same clustering with each key cluster split in two (cluster ``c`` into ``2c`` and
+    ``2c + 1``): its keys start in halves by position and move, for ``iters`` rounds, to the nearer
+    of the two halves' means; a key never leaves its cluster, so the rounds cost ``O(N D)``. The
+    queries' clusters are unchanged, and so is the order of the keys' clusters.
+
+    Args:
+        clustering: the clustering of ``k`` (:func:`cluster_heads`).
+        k: ``(B, S, H, D)`` the keys it clustered.
+
+    Example::
+
+        >>> layout = TokenLayout((2, 8, 8))
+        >>> q, k = torch.randn(1, 128, 1, 16), torch.randn(1, 128, 1, 16)
+        >>> coarse = cluster_heads(q, k, layout, 4, 8)
+        >>> fine = split_key_clusters(coarse, k, layout)
+        >>> fine.k_centroids.shape, bool((fine.k_labels // 2 == coarse.k_labels).all())
+        (torch.Size([1, 1, 16, 16]), True)
+    """
+    video = k[:, layout.video_offset : layout.video_offset + layout.video_len].transpose(1, 2).float()
+    batch, heads, n, dim = video.shape
+    parent = clustering.k_labels.reshape(-1, n)
+    count = clustering.k_centroids.shape[-2]
+    x = video.reshape(-1, n, dim)
+    sizes = _cluster_sizes(parent, count).long()
+    rank = torch.empty_like(parent).scatter_(-1, parent.argsort(dim=-1, stable=True), torch.arange(n, device=parent.device).expand_as(parent))
+    rank = rank - (sizes.cumsum(-1) - sizes).gather(-1, parent)
+    labels = 2 * parent + (2 * rank >= sizes.gather(-1, parent)).long()
+    centroids = clustering.k_centroids.reshape(-1, count, 1, dim).expand(-1, -1, 2, -1).reshape(-1, 2 * count, dim)
+    index = parent[..., None].expand(-1, -1, dim)
+    for _ in range(iters + 1):
+        centroids = cluster_means(x, labels, centroids)
+        first, second = centroids.view(-1, count, 2, dim).unbind(2)
+        # nearer the second mean: x . (second - first) > (|second|^2 - |first|^2) / 2
+        towards = (second - first).gather(1, index)
+        bound = 0.5 * ((second * second).sum(-1) - (first * first).sum(-1))
+        labels = 2 * parent + ((x * towards).sum(-1) > bound.gather(1, parent)).long()
+    return SemanticClustering(clustering.q_labels, labels.view(batch, heads, n), clustering.q_centroids,
+                              centroids.view(batch, heads, 2 * count, dim))
+
+
 def semantic_block_mass(
     clustering: SemanticClustering,
     layout: TokenLayout,
@@ -144,8 +185,8 @@ def semantic_block_mass(
 
         >>> layout = TokenLayout((2, 8, 8))
         >>> clustering = cluster_heads(torch.randn(1, 128, 1, 16), torch.randn(1, 128, 1, 16), layout, 4, 8)
-        >>> semantic_block_mass(clustering, layout, (32, 32)).sum(-1)
-        tensor([[[1.0000, 1.0000, 1.0000, 1.0000]]])
+        >>> semantic_block_mass(clustering, layout, (32, 32)).sum(-1).round(decimals=4)
+        tensor([[[1., 1., 1., 1.]]])
     """
     scale = clustering.q_centroids.shape[-1] ** -0.5 if scale is None else scale
     k_sizes = _cluster_sizes(clustering.k_labels, clustering.k_centroids.shape[-2])
@@ -179,14 +220,34 @@ def semantic_block_mask(
         >>> mask.sum(-1).unique().tolist()
         [4]
     """
+    return semantic_block_masks(clustering, layout, block_size, [budget], scale, starts)[0]
+
+
+def semantic_block_masks(
+    clustering: SemanticClustering,
+    layout: TokenLayout,
+    block_size: tuple[int, int],
+    budgets: list[Budget],
+    scale: float | None = None,
+    starts: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """:func:`semantic_block_mask` at each of ``budgets``, from one centroid estimate.
+
+    Example::
+
+        >>> layout = TokenLayout((4, 16, 16))
+        >>> clustering = cluster_heads(torch.randn(1, 1024, 2, 32), torch.randn(1, 1024, 2, 32), layout)
+        >>> [m.sum(-1).unique().tolist() for m in semantic_block_masks(clustering, layout, (64, 64), [Budget(density=0.25), Budget(density=0.5)])]
+        [[4], [8]]
+    """
     mass = semantic_block_mass(clustering, layout, block_size, scale, starts)
     if starts is None:
-        return adaptive_block_mask(mass, layout, block_size, budget)
+        return [adaptive_block_mask(mass, layout, block_size, budget) for budget in budgets]
     bounds = [s.to(mass.device) for s in starts]
     sizes = [b[..., 1:] - b[..., :-1] for b in bounds]
     text = [b[..., 1:] > b[..., :-1].clamp(min=layout.video_len) for b in bounds]
-    mask = keep_heaviest_keys(mass, sizes[1], budget, layout.seq_len, layout.video_len, text[1])
-    return mask | text[0][..., :, None]
+    return [keep_heaviest_keys(mass, sizes[1], budget, layout.seq_len, layout.video_len, text[1]) | text[0][..., :, None]
+            for budget in budgets]
 
 
 def _cluster_video(

@@ -83,7 +83,7 @@ class WindowRule:
         n_q, n_k, mass = self.n_q, self.n_k, self.mass
         thresholds = _with_sinks(self.thresholds, sinks)
         video = thresholds[..., :n_q, :n_k]
-        masks = []
+        masks, ranked = [], None
         for one in budgets:
             if video.numel() == 0:  # every query or every key block holds text: all are kept
                 masks.append(torch.ones_like(thresholds, dtype=torch.bool))
@@ -99,8 +99,9 @@ class WindowRule:
                     self._ranking = _Ranking.of(
                         self.thresholds[..., :n_q, :n_k], None if mass is None else mass[..., :n_q, :n_k]
                     )
-                keep = one.blocks_per_row(self.layout.seq_len, max(n_k, 1), self.block_size[1]) * n_q
-                chosen = self._ranking.smallest(keep, None if sinks is None else sinks[..., :n_k])
+                if ranked is None:
+                    ranked = self._ranking.ranked(None if sinks is None else sinks[..., :n_k])
+                chosen = ranked.smallest(one.blocks_per_row(self.layout.seq_len, max(n_k, 1), self.block_size[1]) * n_q)
                 mask = (thresholds == float("-inf")).expand(*chosen.shape[:-2], *thresholds.shape[-2:]).clone()
                 mask[..., :n_q, :n_k] = chosen
                 masks.append(mask)
@@ -141,6 +142,11 @@ class _Ranking:
     def smallest(self, keep: int, sinks: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean ``[..., nQ, nK]``: every ``-inf`` entry (``sinks``, boolean ``[..., nK]``, make
         their columns ``-inf``), then the first ``keep`` entries in all (never an ``inf``)."""
+        return self.ranked(sinks).smallest(keep)
+
+    def ranked(self, sinks: torch.Tensor | None = None) -> _Ranked:
+        """Each pair's place in the order a count budget takes them, with ``sinks`` (boolean
+        ``[..., nK]``) as ``-inf`` columns: one ranking for the masks of any number of counts."""
         thresholds = _with_sinks(self.thresholds, sinks)
         tie = self.tie.expand_as(thresholds)
         tier = torch.where(thresholds == float("-inf"), 0, torch.where(_row_best(thresholds, tie), 1, 2)).flatten(-2)
@@ -151,8 +157,24 @@ class _Ranking:
         rank = torch.where(ranked_tier == 1, before_one + (ranked_tier == 1).cumsum(-1),
                            before_two + (ranked_tier == 2).cumsum(-1)) - 1
         finite = thresholds.flatten(-2).gather(-1, order) < float("inf")
-        take = (ranked_tier == 0) | ((rank < keep) & finite)
-        return torch.zeros_like(take).scatter_(-1, order, take).unflatten(-1, thresholds.shape[-2:])
+        return _Ranked(order, ranked_tier == 0, torch.where(finite, rank, torch.iinfo(rank.dtype).max), thresholds.shape[-2:])
+
+
+@dataclass(frozen=True)
+class _Ranked:
+    """Block pairs in :class:`_Ranking`'s order with their rank among those a count may take
+    (``always``: the ``-inf`` tier, taken whatever the count; an ``inf`` pair's rank is never
+    reached)."""
+
+    order: torch.Tensor
+    always: torch.Tensor
+    rank: torch.Tensor
+    shape: torch.Size
+
+    def smallest(self, keep: int) -> torch.Tensor:
+        """Boolean ``[..., nQ, nK]``: the ``-inf`` pairs and the first ``keep`` others."""
+        take = self.always | (self.rank < keep)
+        return torch.zeros_like(take).scatter_(-1, self.order, take).unflatten(-1, self.shape)
 
 
 def _with_sinks(thresholds: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:

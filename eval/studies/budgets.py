@@ -46,7 +46,7 @@ def run(grids, head_dim: int, seed: int) -> dict:
         data = synthetic_attention(grid, HEAD_TYPES, head_dim=head_dim, seed=seed)
         groups = head_groups(data.head_types)
         dense = dense_attention(data.q, data.k, data.v)
-        calibration = calibrate(data.q, data.k, data.layout, SparseAttentionConfig(pattern="auto"), v=data.v)
+        calibration = calibrate(data.q, data.k, data.layout, SparseAttentionConfig(pattern="auto", min_recall=0.0), v=data.v)
         for name, budget in budgets(data.layout.video_len, smallest).items():
             plan, report = plan_from_calibration(calibration, SparseAttentionConfig(pattern="auto", min_recall=0.0, **budget))
             errors = relative_errors(data.q, data.k, data.v, plan, dense, groups)

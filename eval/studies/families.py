@@ -3,9 +3,9 @@
     python -m dit_sparse.eval.studies.families                    # 16x32x32 grid, 2 heads per type, D=64
     python -m dit_sparse.eval.studies.families --grid 8 24 24 --heads-per-type 1 --densities 0.1 0.3
 
-One calibration (the one pattern="auto" makes: tile-order block mass, k-means, cluster-order block
-mass, sampled rows for the error estimate) serves every family at every density, so all of them see
-the same measurement. Auto runs with the library defaults (per head the family with the lowest
+One calibration (the recall rule's, ``pattern="auto", min_recall=0.0``: block mass over every
+family's orders, k-means and its split key clusters, sampled rows for the error estimate) serves
+every family at every density, so all of them see the same measurement. Auto runs with the library defaults (per head the family with the lowest
 estimated output error, and a fallback that may spend up to a tenth more on the worst heads), with
 the fallback off (equal density), and with the earlier recall rule (min_recall 0.8: heads below it
 stay dense, so it spends more). The error is ``||sparse - dense|| / ||dense||`` of the torch
@@ -43,7 +43,7 @@ def run(grid: tuple[int, int, int], heads_per_type: int, head_dim: int, densitie
     start = time.perf_counter()
     dense = dense_attention(data.q, data.k, data.v)
     dense_seconds = time.perf_counter() - start
-    calibration = calibrate(data.q, data.k, data.layout, SparseAttentionConfig(pattern="auto"), v=data.v)
+    calibration = calibrate(data.q, data.k, data.layout, SparseAttentionConfig(pattern="auto", min_recall=0.0), v=data.v)
     rows = []
     for density in densities:
         for pattern, fields in PATTERNS.items():

@@ -30,7 +30,7 @@ def pictures(grid, text_len: int, density: float, block_size: int, seed: int) ->
     """Per pattern, the ``[H, nQ, nK]`` picture (``MASK_SKIPPED``, ``MASK_KEPT``, ``MASK_TEXT`` for text
     blocks) and the plan report."""
     data = synthetic_attention(grid, HEAD_TYPES, head_dim=64, text_len=text_len, seed=seed)
-    calibration = calibrate(data.q, data.k, data.layout, SparseAttentionConfig(pattern="auto", block_size=block_size), v=data.v)
+    calibration = calibrate(data.q, data.k, data.layout, SparseAttentionConfig(pattern="auto", min_recall=0.0, block_size=block_size), v=data.v)
     out = {}
     for pattern in PATTERNS:
         config = SparseAttentionConfig(pattern=pattern, density=density, block_size=block_size)

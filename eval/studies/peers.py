@@ -51,7 +51,7 @@ def run(grid, heads_per_type: int, head_dim: int, densities, error_rows: int | N
     measure = _full_error(data) if error_rows is None else _sampled_error(data, error_rows, seed)
     start = time.perf_counter()
     calibrations = {
-        "ours": calibrate(data.q, data.k, data.layout, SparseAttentionConfig(), v=data.v),
+        "ours": calibrate(data.q, data.k, data.layout, SparseAttentionConfig(min_recall=0.0), v=data.v),
         "svg1": calibrate(data.q, data.k, data.layout, SparseAttentionConfig.preset("svg1"), v=data.v),
         "svg2": calibrate(data.q, data.k, data.layout, SparseAttentionConfig.preset("svg2")),
         "radial_paper": calibrate(data.q, data.k, data.layout, SparseAttentionConfig.preset("radial_paper")),
