@@ -18,7 +18,7 @@ DEFAULT_DENSITY = 0.15
 # The fields a plan depends on: plans saved under one config serve another that agrees on these.
 PLAN_FIELDS = ("pattern", "density", "top_p", "alpha", "exponent", "block_size", "tile_shape", "min_recall",
                "max_error", "fallback_share", "error_rows", "mass_rows", "radial_decay", "per_context_plans", "seed",
-               "query_clusters", "key_clusters", "kmeans_iters")
+               "query_clusters", "key_clusters", "kmeans_iters", "split_key_clusters")
 
 
 @dataclass
@@ -79,6 +79,11 @@ class SparseAttentionConfig:
             semantic family; ``None`` scales them with the video (one per 256 queries and one per 64
             keys, SVG2's ratio at 720p).
         kmeans_iters: Lloyd iterations of that clustering.
+        split_key_clusters: the semantic family also offers each head's key clusters split in two (a
+            variant ``auto`` takes where its estimated error is lower; finer clusters win at low
+            budgets on synthetic heads, while on the reference model they cost 0.3 dB and a tenth of
+            the speedup: see docs/families.md). ``False`` keeps the clusters as made, and
+            calibrates faster.
         balance_heads: under Ulysses context parallelism, hand each layer's heads to the ranks so
             that their shares of the sparse attention FLOPs are as even as the plans allow (heads
             left dense otherwise weigh on whichever rank holds them); the same output, one extra
@@ -117,6 +122,7 @@ class SparseAttentionConfig:
     query_clusters: int | None = None
     key_clusters: int | None = None
     kmeans_iters: int = 10
+    split_key_clusters: bool = True
     balance_heads: bool = False
 
     def __post_init__(self) -> None:
@@ -176,7 +182,7 @@ class SparseAttentionConfig:
             raise ValueError(f"pattern='radial_paper' needs equal query and key blocks, got {self.block_size!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
-        for name in ("per_context_plans", "reuse_plans", "balance_heads"):
+        for name in ("per_context_plans", "reuse_plans", "balance_heads", "split_key_clusters"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("query_clusters", "key_clusters"):

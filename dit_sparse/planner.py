@@ -203,7 +203,7 @@ def calibrate(
     blocks = config.block_sizes
     tile = config.tile_for(layout.grid)
     families = FAMILIES if config.pattern == "auto" else () if config.pattern == "dense" else (config.pattern,)
-    needed = {name for family in families for name in FAMILY_ORDERS[family]}
+    needed = {name for family in families for name in _family_orders(family, config)}
     orders = {"tile": (layout.tile_order(tile).to(q.device),) * 2}
     clustering, fine, starts = None, None, {}
     if "raster" in needed:
@@ -255,13 +255,17 @@ def plan_from_calibration(
     if config.pattern == "dense":
         return _dense_plan(calibration, start)
     families = FAMILIES if config.pattern == "auto" else (config.pattern,)
-    missing = sorted(_mass_orders(families, config) - set(calibration.masses)) or sorted(
-        {name for family in families for name in FAMILY_ORDERS[family]} - set(calibration.orders)
-    )
+    missing = sorted(_mass_orders(families, config) - set(calibration.masses))
     if missing:
         raise ValueError(
             f"this calibration has no block mass over the {', '.join(missing)} order; calibrate with pattern={config.pattern!r}, "
             "or with pattern='auto' and min_recall=0.0 to measure every family's"
+        )
+    missing = sorted({name for family in families for name in _family_orders(family, config)} - set(calibration.orders))
+    if missing:
+        raise ValueError(
+            f"this calibration has no {', '.join(missing)} order; calibrate with the config you plan with "
+            f"(split_key_clusters={config.split_key_clusters})"
         )
     budget = Budget.from_config(config)
     if config.pattern in PEERS:
@@ -271,7 +275,7 @@ def plan_from_calibration(
             raise ValueError("this calibration sampled no rows for the error estimate; calibrate with pattern='auto' and v=...")
         return _plan_by_error(calibration, config, budget, start)
     best = BestPerHead(budget, layout, blocks)
-    candidates = [c for family in families for c in _candidates(family, calibration, [budget])[0]]
+    candidates = [c for family in families for c in _candidates(family, calibration, [budget], config)[0]]
     for candidate in candidates:
         best.offer_scores(*_recall_and_density(calibration, candidate))
     chosen = [[candidates[i] for i in row] for row in best.index.tolist()]
@@ -333,7 +337,7 @@ def _plan_by_error(
     level_budgets = [budget] + [Budget(density=target * f) for f in FALLBACK_LEVELS if target * f < 1]
     # without the widened radial band: chosen by this estimate on the reference model, it lowered the
     # main command's PSNR from 36.17 to 35.43 dB (docs/families.md)
-    per_family = [_candidates(family, calibration, level_budgets, neighbours=(False,)) for family in FAMILIES]
+    per_family = [_candidates(family, calibration, level_budgets, config, neighbours=(False,)) for family in FAMILIES]
     levels = [[c for family in per_family for c in family[i]] for i in range(len(level_budgets))]
     per_level = len(levels[0])
     candidates = [c for level in levels for c in level]
@@ -450,14 +454,15 @@ def _fallback(errors: torch.Tensor, density: torch.Tensor, max_error: float, all
 
 
 def _candidates(
-    family: str, calibration: Calibration, budgets: list[Budget], neighbours: tuple[bool, ...] = (False, True)
+    family: str, calibration: Calibration, budgets: list[Budget], config: SparseAttentionConfig,
+    neighbours: tuple[bool, ...] = (False, True),
 ) -> list[list[Candidate]]:
     """One family's masks at each of ``budgets``: per budget, one per token order the family uses
     (the radial raster band once per ``neighbours``, see :func:`fit_radial_band`), each fitted per head
     on the block mass over that order."""
     layout, blocks, tile, masses = calibration.layout, calibration.block_size, calibration.tile, calibration.masses
     out: list[list[Candidate]] = [[] for _ in budgets]
-    for order in FAMILY_ORDERS[family]:
+    for order in _family_orders(family, config):
         mass = masses.get(order)
         if family == "radial" and order == "tile":
             variants = [[fit.mask for fit in fit_radial(mass, layout, tile, blocks, budgets)]]
@@ -481,9 +486,14 @@ def _candidates(
     return out
 
 
+def _family_orders(family: str, config: SparseAttentionConfig) -> tuple[str, ...]:
+    """The token orders of ``family``'s variants under ``config``."""
+    return tuple(o for o in FAMILY_ORDERS[family] if config.split_key_clusters or o != "fine_clusters")
+
+
 def _mass_orders(families: tuple[str, ...], config: SparseAttentionConfig) -> set[str]:
     """The orders whose block mass planning ``families`` under ``config`` reads."""
-    orders = {name for family in families for name in FAMILY_ORDERS[family]}
+    orders = {name for family in families for name in _family_orders(family, config)}
     return orders - set(CLUSTER_ORDERS) if config.chooses_by_error else orders
 
 

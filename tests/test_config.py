@@ -48,6 +48,7 @@ def test_round_trip_through_dict():
         ({"error_rows": 0}, "error_rows must be an int >= 1"),
         ({"backend": "cuda"}, "backend must be one of"),
         ({"per_context_plans": "yes"}, "per_context_plans must be True or False"),
+        ({"split_key_clusters": 1}, "split_key_clusters must be True or False"),
         ({"reuse_plans": 1}, "reuse_plans must be True or False"),
         ({"query_clusters": 0}, "query_clusters"),
         ({"key_clusters": 2.5}, "key_clusters"),

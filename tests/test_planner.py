@@ -181,6 +181,19 @@ def test_auto_picks_each_heads_family_with_the_lowest_output_error(synthetic):
     assert all(per_family[name][0, h] <= best[0, h] + 1e-4 for h, name in enumerate(report.family[0]))
 
 
+def test_split_key_clusters_off_keeps_the_clusters_as_made(synthetic):
+    data = synthetic[0]
+    config = SparseAttentionConfig(density=0.25, max_error=float("inf"), split_key_clusters=False)
+    calibration = calibrate(data.q, data.k, data.layout, config, v=data.v)
+    assert "fine_clusters" not in calibration.orders and calibration.fine_clustering is None
+    plan, report = plan_from_calibration(calibration, config)
+    clusters = calibration.starts["clusters"][1]
+    semantic = [h for h, name in enumerate(report.family[0]) if name == "semantic"]
+    assert semantic and all(torch.equal(plan.block_starts("kv")[0, h, : clusters.shape[-1]], clusters[0, h]) for h in semantic)
+    with pytest.raises(ValueError, match="no fine_clusters order; calibrate with the config you plan with"):
+        plan_from_calibration(calibration, SparseAttentionConfig(density=0.25))
+
+
 def test_auto_fallback_raises_the_worst_heads_within_its_share(synthetic):
     data, calibration = synthetic
     base = plan_from_calibration(calibration, SparseAttentionConfig(density=0.15, max_error=float("inf")))[1]
