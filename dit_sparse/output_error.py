@@ -187,7 +187,8 @@ def estimate_errors_and_recall(
                 for g, classes, in_blocks in zip(groups, slots, values):
                     numer, denom = _block_sums(weights, classes, in_blocks, h * (g.k_bounds.shape[-1] - 1))
                     numer, denom = numer.view(h, -1, r, dim), denom.view(h, -1, r)                     # [h, nK, r, (D)]
-                    dense = numer.sum(1) / denom.sum(1)[..., None]                                     # [h, r, D]
+                    total = denom.sum(1)                                                               # [h, r]
+                    dense = numer.sum(1) / total[..., None]                                            # [h, r, D]
                     if g is groups[0]:
                         sq_ref[b, hs] += dense.double().pow(2).sum((1, 2))
                     q_block = torch.searchsorted(g.q_bounds[b, hs, 1:].contiguous(), g.positions[b, hs][:, rows].contiguous(),
@@ -197,15 +198,15 @@ def estimate_errors_and_recall(
                     text_row = g.text_query[b, hs].gather(1, q_block)[..., None]
                     row_masks = (row_masks | g.text_key[b, hs][:, None, :] | text_row).float()         # [M, h, r, nK]
                     kept = (row_masks * denom.transpose(1, 2)).sum(-1, keepdim=True)
-                    kept_share[g.members, b, hs] += (kept[..., 0] / denom.sum(1)[None]).double().sum(-1)
+                    kept_share[g.members, b, hs] += (kept[..., 0] / total[None]).double().sum(-1)
                     out = torch.einsum("mhrc,hcrd->mhrd", row_masks, numer) / kept.clamp(min=1e-30)
                     out = torch.where(kept > 0, out, 0.0)
                     sq_err[g.members, b, hs] += (out - dense).double().pow(2).sum((2, 3))
-    rows = torch.full_like(sq_ref, len(sample.rows))
+    rows_seen = torch.full_like(sq_ref, len(sample.rows))
     if plan_batch == 1:
         sq_err, sq_ref = sq_err.sum(1, keepdim=True), sq_ref.sum(0, keepdim=True)
-        kept_share, rows = kept_share.sum(1, keepdim=True), rows.sum(0, keepdim=True)
-    return (sq_err / sq_ref.clamp(min=1e-30)).sqrt().float(), (kept_share / rows).float()
+        kept_share, rows_seen = kept_share.sum(1, keepdim=True), rows_seen.sum(0, keepdim=True)
+    return (sq_err / sq_ref.clamp(min=1e-30)).sqrt().float(), (kept_share / rows_seen).float()
 
 
 @dataclass

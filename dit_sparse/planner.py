@@ -293,9 +293,15 @@ def plan_from_calibration(
 
 def _recall_and_density(calibration: Calibration, candidate: Candidate) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B, H]`` recall of a candidate on the block mass over its order, and its video density."""
-    layout, blocks, starts = calibration.layout, calibration.block_size, calibration.starts.get(candidate.orders)
-    kept = recall(calibration.masses[candidate.orders], candidate.mask, layout, blocks[0], starts)
-    return kept, video_density(candidate.mask, layout, blocks, starts).float().expand_as(kept)
+    starts = calibration.starts.get(candidate.orders)
+    kept = recall(calibration.masses[candidate.orders], candidate.mask, calibration.layout, calibration.block_size[0], starts)
+    return kept, _density(calibration, candidate).expand_as(kept)
+
+
+def _density(calibration: Calibration, candidate: Candidate) -> torch.Tensor:
+    """``[B|1, H]`` video density of a candidate (over its order's variable blocks, if any)."""
+    starts = calibration.starts.get(candidate.orders)
+    return video_density(candidate.mask, calibration.layout, calibration.block_size, starts).float()
 
 
 def _assemble(
@@ -344,10 +350,7 @@ def _plan_by_error(
     errors, kept = estimate_errors_and_recall(
         calibration.rows, blocks, calibration.orders, candidates, calibration.batch_size, calibration.starts
     )
-    density = torch.stack([
-        video_density(c.mask, layout, blocks, calibration.starts.get(c.orders)).float().expand(errors.shape[1:])
-        for c in candidates
-    ])
+    density = torch.stack([_density(calibration, c).expand(errors.shape[1:]) for c in candidates])
     # per level, the candidate with the lowest error among those within the level's density (else the sparsest)
     limits = torch.tensor([target] + [level.density for level in level_budgets[1:]], device=density.device)
     by_level = (len(levels), per_level, *density.shape[1:])

@@ -114,7 +114,7 @@ class _Ranking:
     entry, then the others; within each tier the smallest threshold first, ties broken by the
     largest ``mass``, else by the distance from the block diagonal, then by position (thresholds
     equal to 1e-9 tie). The pairs are sorted once by (threshold, tie, position); the tiers, which a stripe of always-kept key blocks
-    changes, are applied by :meth:`smallest`.
+    changes, are applied by :meth:`ranked`.
 
     Attributes:
         thresholds, tie: ``[..., nQ, nK]`` (expanded to the mass's heads when it is given).
@@ -139,14 +139,10 @@ class _Ranking:
         order = order.gather(-1, flat_thresholds.gather(-1, order).argsort(dim=-1, stable=True))
         return cls(thresholds, tie, order)
 
-    def smallest(self, keep: int, sinks: torch.Tensor | None = None) -> torch.Tensor:
-        """Boolean ``[..., nQ, nK]``: every ``-inf`` entry (``sinks``, boolean ``[..., nK]``, make
-        their columns ``-inf``), then the first ``keep`` entries in all (never an ``inf``)."""
-        return self.ranked(sinks).smallest(keep)
-
     def ranked(self, sinks: torch.Tensor | None = None) -> _Ranked:
         """Each pair's place in the order a count budget takes them, with ``sinks`` (boolean
-        ``[..., nK]``) as ``-inf`` columns: one ranking for the masks of any number of counts."""
+        ``[..., nK]``) as ``-inf`` columns: one ranking for the masks of any number of counts
+        (:meth:`_Ranked.smallest`)."""
         thresholds = _with_sinks(self.thresholds, sinks)
         tie = self.tie.expand_as(thresholds)
         tier = torch.where(thresholds == float("-inf"), 0, torch.where(_row_best(thresholds, tie), 1, 2)).flatten(-2)
@@ -172,7 +168,8 @@ class _Ranked:
     shape: torch.Size
 
     def smallest(self, keep: int) -> torch.Tensor:
-        """Boolean ``[..., nQ, nK]``: the ``-inf`` pairs and the first ``keep`` others."""
+        """Boolean ``[..., nQ, nK]``: the ``-inf`` pairs, then the first ``keep`` others in all
+        (never an ``inf``)."""
         take = self.always | (self.rank < keep)
         return torch.zeros_like(take).scatter_(-1, self.order, take).unflatten(-1, self.shape)
 
