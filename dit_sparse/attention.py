@@ -196,11 +196,15 @@ def _plan_starts(plan: BlockSparsePlan) -> dict:
 
 
 def _torch_kernel(q, k, v, plan: BlockSparsePlan, valid, scale, q_rows=None, kv_rows=None):
-    from dit_sparse.kernels.block_sparse_attention_torch import block_sparse_attention_torch
+    from dit_sparse.kernels.block_sparse_attention_torch import block_sparse_attention_torch, torch_schedule
 
-    return block_sparse_attention_torch(
-        q, k, v, *_plan_rows(plan), kv_valid_len=valid, scale=scale, q_rows=q_rows, kv_rows=kv_rows, **_plan_starts(plan)
+    batch, dim = q.shape[0], q.shape[-1]
+    shape = (batch, plan.num_heads, plan.layout.seq_len)
+    schedule = plan.cached(
+        ("valid", "torch_schedule", batch, dim, q_rows is not None),
+        lambda: torch_schedule(*_plan_rows(plan), shape, dim, valid, q_rows, kv_rows, **_plan_starts(plan)),
     )
+    return block_sparse_attention_torch(q, k, v, *_plan_rows(plan), scale=scale, schedule=schedule)
 
 
 def _triton_kernel(q, k, v, plan: BlockSparsePlan, valid, scale):

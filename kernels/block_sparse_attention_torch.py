@@ -1,17 +1,22 @@
 """Block-sparse attention in PyTorch: the CPU fast path (and the fallback wherever Triton is absent).
 
 Only the kept blocks are computed. Query blocks are grouped by how many key blocks they attend;
-for a chunk of query blocks with the same count, their queries and their key and value blocks are
-gathered into small per-thread buffers (sized to stay in cache, reused across chunks and calls) and
-one batched ``scaled_dot_product_attention`` runs over them; the chunk's output is written straight
-to its rows of the result. Query blocks that attend every key block attend the keys in place, and so
-do chunks of rows whose key blocks are one run each, starting equally far apart (a strided view).
+for a chunk of query blocks with the same count, their key and value blocks are gathered into small
+per-thread buffers (sized to stay in cache, reused across chunks and calls) and one batched
+``scaled_dot_product_attention`` runs over them. Query blocks that attend every key block attend
+the keys in place, and so do chunks of rows whose key blocks are one run each, starting equally far
+apart (a strided view). Query blocks of a head that attend the same key blocks (a query cluster's
+blocks) are one longer query of the batched call, in pieces of up to MOST_MERGED blocks: their keys
+are gathered once, and the CPU SDPA kernel runs long queries faster than short ones.
 
 The token gathers into each head's order are part of the kernel: ``q_rows`` and ``kv_rows`` say
 which row of ``x.reshape(-1, D)`` holds each (batch, head, position in the plan's order), so inputs
 in diffusers' ``(B, S, H, D)`` layout need no head-major copy, and the output comes back in ``q``'s
-layout. Keys and values are gathered once, into block-major buffers kept per thread across calls;
-queries chunk by chunk.
+layout. Queries, keys and values are gathered once per call into block-major buffers kept per
+thread across calls; a chunk of consecutive query blocks reads its queries and writes its output
+as slices of them, and the output is put back in ``q``'s layout by one gather at the end.
+Everything that depends on the plan alone (the slots' source rows, the chunks) is a
+:class:`TorchSchedule`, which ``sparse_attention`` works out once per plan.
 
 Layouts (the sequence in the plan's token order unless ``q_rows``/``kv_rows`` say otherwise):
     q, k, v      [B, H, S, D], or any contiguous tensor with rows of D when q_rows/kv_rows are given
@@ -24,6 +29,7 @@ Layouts (the sequence in the plan's token order unless ``q_rows``/``kv_rows`` sa
     q_starts     [Bp|1, H|1, nQ+1] int or None  variable query blocks: block i holds positions
                  q_starts[i] .. q_starts[i+1]-1 (at most block_size_q); None: fixed blocks
     kv_starts    [Bp|1, H|1, nK+1] int or None  the same for the key blocks
+    schedule     TorchSchedule or None: torch_schedule(...) of these arguments, worked out earlier
 
 Variable query blocks are computed as blocks of the full block size whose positions past the
 block's end are discarded. With variable key blocks, a row gathers only the keys its blocks hold
@@ -61,11 +67,14 @@ def block_sparse_attention_torch(
     kv_rows: torch.Tensor | None = None,
     q_starts: torch.Tensor | None = None,
     kv_starts: torch.Tensor | None = None,
+    schedule: TorchSchedule | None = None,
 ) -> torch.Tensor:
     """Block-sparse softmax attention; query blocks with no (valid) key give zeros.
 
     Returns a tensor shaped like ``q`` in ``q``'s dtype: ``[B, H, S, D]`` in the plan's order, or,
-    with ``q_rows``, each result in the row its query came from.
+    with ``q_rows``, each result in the row its query came from. ``schedule`` (from
+    :func:`torch_schedule` on the same arguments) skips deriving it again: what depends on the plan
+    alone is worked out once per plan, not once per call.
 
     Example::
 
@@ -75,9 +84,91 @@ def block_sparse_attention_torch(
         >>> out.shape
         torch.Size([1, 1, 100, 16])
     """
+    if schedule is None:
+        shape = tuple(q.shape[:3] if q_rows is None else q_rows.shape)
+        schedule = torch_schedule(
+            kv_counts, kv_offsets, kv_indices, block_size_q, block_size_k, shape, q.shape[-1], kv_valid_len,
+            q_rows, kv_rows, q_starts, kv_starts,
+        )
+    s = schedule
     dim = q.shape[-1]
-    q_rows = _identity_rows(q) if q_rows is None else q_rows
-    batch, heads, seq = q_rows.shape
+    q_blocks, k_blocks, v_blocks = (
+        x.contiguous().view(-1, dim) if slots is None else _gather_rows(x, slots, name)
+        for name, x, slots in (("q_blocks", q, s.q_slots), ("k_blocks", k, s.kv_slots), ("v_blocks", v, s.kv_slots))
+    )
+    # the output in query slots: the result itself where the slots are q's rows, else scratch
+    out = q_blocks.new_empty(q_blocks.shape) if s.out_rows is None else _buffer("out_blocks", q_blocks.shape, q)
+    q_blocks, out, k_blocks, v_blocks = (
+        x.view(-1, width * dim) for x, width in ((q_blocks, s.bq), (out, s.bq), (k_blocks, s.bk), (v_blocks, s.bk))
+    )
+    if s.dead.numel():
+        out.index_fill_(0, s.dead, 0)
+    _attend_full_rows(q_blocks, k_blocks, v_blocks, out, s, scale)
+    if s.chunks:
+        work = partial(_attend_chunks, q_blocks, k_blocks, v_blocks, out, s, scale)
+        workers = min(torch.get_num_threads(), len(s.chunks)) if q.device.type == "cpu" else 1
+        if workers == 1:
+            work(iter(range(len(s.chunks))))
+        else:
+            # each worker takes the next chunk when it is free: a worker descheduled by another job
+            # on the machine holds up one chunk, not a fixed share of them
+            shared = _SharedCounter(len(s.chunks))
+            with _single_threaded_ops():
+                list(_pool(workers).map(lambda _: work(shared), range(workers)))
+    out = out.view(-1, dim)
+    return (out if s.out_rows is None else out.index_select(0, s.out_rows)).view(q.shape)
+
+
+class TorchSchedule(NamedTuple):
+    """What the PyTorch kernel derives from a plan before it reads q, k and v: where each query and
+    key slot reads from, which query blocks are dead, full or sparse, and the sparse ones' chunks.
+
+    Rows of the block-major queries and output (``[B*H*nQ, bq*D]``) are query blocks; rows of the
+    block-major keys (``[B*H*nK, bk*D]``) key blocks."""
+
+    bq: int
+    bk: int
+    n_q: int
+    n_k: int
+    q_slots: torch.Tensor | None      # [B*H*nQ*bq] row of q.reshape(-1, D) each query slot reads; None: q's rows are its slots
+    out_rows: torch.Tensor | None     # [B*H*S] the query slot holding each row of the result; None: the slots are the result
+    kv_slots: torch.Tensor | None     # [B*H*nK*bk] the same for the keys and values
+    key_ok: torch.Tensor | None       # [B*H, nK, bk] whether a key slot is valid; None: all are
+    key_len: torch.Tensor | None      # [B*H, nK] valid keys of each block (a prefix of its slots); None: not needed
+    counts: torch.Tensor              # [B*H*nQ] key blocks of each query block
+    offsets: torch.Tensor             # [B*H*nQ] start of each query block's key blocks in indices
+    indices: torch.Tensor             # [nnz] key block indices
+    dead: torch.Tensor                # query blocks with no valid key (zeros)
+    full_calls: list[_FullCall]       # query blocks that attend every key block
+    chunks: list[_Chunk]              # the other query blocks
+    most_keys: int                    # elements of the largest chunk's gathered keys
+
+
+def torch_schedule(
+    kv_counts: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    kv_indices: torch.Tensor,
+    block_size_q: int,
+    block_size_k: int,
+    shape: tuple[int, int, int],
+    dim: int,
+    kv_valid_len: torch.Tensor | None = None,
+    q_rows: torch.Tensor | None = None,
+    kv_rows: torch.Tensor | None = None,
+    q_starts: torch.Tensor | None = None,
+    kv_starts: torch.Tensor | None = None,
+) -> TorchSchedule:
+    """The :class:`TorchSchedule` of :func:`block_sparse_attention_torch` for queries of ``shape``
+    ``(B, H, S)`` and head dim ``dim`` (the other arguments as there).
+
+    Example::
+
+        >>> s = torch_schedule(torch.tensor([[[1, 2]]]), torch.tensor([[[0, 1]]]), torch.tensor([0, 0, 1]), 64, 64, (1, 1, 100), 16)
+        >>> [chunk.count for chunk in s.chunks], len(s.full_calls)
+        ([1], 1)
+    """
+    batch, heads, seq = shape
+    device = kv_counts.device
     bq, bk = block_size_q, block_size_k
     n_q = -(-seq // bq) if q_starts is None else q_starts.shape[-1] - 1
     n_k = -(-seq // bk) if kv_starts is None else kv_starts.shape[-1] - 1
@@ -85,23 +176,19 @@ def block_sparse_attention_torch(
     offsets = kv_offsets.expand(batch, -1, -1).reshape(-1)
     indices = kv_indices.long()
 
-    q_src = q.contiguous().view(-1, dim)
-    rows_out = q_src.shape[0]
-    # positions past a block's end read any real row and write to a spare row past the end of the output
-    q_pos, q_real = _block_positions(q_starts, batch, heads, seq, n_q, bq, q.device)
-    q_index = q_rows.reshape(batch * heads, seq).gather(1, q_pos)
-    out_index = torch.where(q_real, q_index, rows_out).view(batch * heads * n_q, bq)
-    q_index = q_index.view(batch * heads * n_q, bq)
-    kv_pos, kv_real = _block_positions(kv_starts, batch, heads, seq, n_k, bk, q.device)
-    if kv_rows is None and seq == n_k * bk and kv_starts is None:
-        k_blocks, v_blocks = (x.contiguous().view(batch * heads * n_k, bk * dim) for x in (k, v))
-    else:
-        kv_rows = _identity_rows(k) if kv_rows is None else kv_rows
-        kv_index = kv_rows.reshape(batch * heads, seq).gather(1, kv_pos).reshape(-1)
-        k_blocks, v_blocks = (
-            _gather_rows(x, kv_index, name).view(batch * heads * n_k, bk * dim) for name, x in (("k_blocks", k), ("v_blocks", v))
-        )
-    limit = _valid_limit(batch, seq, kv_valid_len, q.device)
+    # slots past a block's end read any real row; the result takes none of them
+    q_pos, q_real = _block_positions(q_starts, batch, heads, seq, n_q, bq, device)
+    q_slots = out_rows = None
+    if q_rows is not None or q_starts is not None or seq != n_q * bq:
+        q_slots = _source_rows(q_rows, q_pos, batch, heads, seq, device)
+        real = q_real.reshape(-1)
+        out_rows = torch.empty(batch * heads * seq, dtype=torch.long, device=device)
+        out_rows[q_slots[real]] = torch.nonzero(real).squeeze(1)
+    kv_pos, kv_real = _block_positions(kv_starts, batch, heads, seq, n_k, bk, device)
+    kv_slots = None
+    if kv_rows is not None or kv_starts is not None or seq != n_k * bk:
+        kv_slots = _source_rows(kv_rows, kv_pos, batch, heads, seq, device)
+    limit = _valid_limit(batch, seq, kv_valid_len, device)
     key_ok = (kv_real & (kv_pos < limit.repeat_interleave(heads)[:, None])).view(batch * heads, n_k, bk)
 
     live = counts > 0
@@ -109,49 +196,36 @@ def block_sparse_attention_torch(
         live &= q_real.view(-1, bq).any(-1)
     key_len = row_keys = None
     if kv_valid_len is not None or kv_starts is not None:
-        key_len = key_ok.sum(-1)  # valid keys of each block: a prefix of its slots
+        key_len = key_ok.sum(-1)
         row_keys = _row_sums(counts, offsets, indices, key_len, n_q)
         live &= row_keys > 0
-
-    out = q_src.new_empty(rows_out + 1, dim)
-    dead = torch.nonzero(~live).squeeze(1)
-    if dead.numel():
-        out.index_fill_(0, out_index[dead].reshape(-1), 0)
     # rows that attend every key block attend the keys in place, a prefix in plan order (not so when
     # variable key blocks leave gaps: those rows take the gathered path)
     full = live & (counts == n_k) & (kv_starts is None)
-    _attend_full_rows(q_src, q_index, out_index, k_blocks, v_blocks, limit, full, out, heads, n_q, scale)
-
     sparse_rows = torch.nonzero(live & ~full).squeeze(1)
+    chunks = []
     if sparse_rows.numel():
         if kv_starts is not None:
-            chunks = _compact_chunks(sparse_rows, row_keys[sparse_rows], dim)
+            chunks = _compact_chunks(sparse_rows, row_keys[sparse_rows], counts, offsets, indices, n_q, dim)
         else:
             row_counts = counts[sparse_rows]
             first, last = (indices[offsets[sparse_rows] + i] for i in (0, row_counts - 1))
             # rows whose key blocks are one run read them in place: a chunk of such rows whose runs start
             # a constant number of blocks apart is a strided view of the key (and value) blocks
             run_starts = torch.where(last - first + 1 == row_counts, sparse_rows // n_q * n_k + first, -1)
-            chunks = _chunks(sparse_rows, row_counts, run_starts, bk * dim)
-        work = partial(
-            _attend_chunks, q_src, q_index, out_index, k_blocks, v_blocks, None if bool(key_ok.all()) else key_ok,
-            key_len, counts, offsets, indices, out, n_q, n_k, bk, scale, chunks,
-        )
-        workers = min(torch.get_num_threads(), len(chunks)) if q.device.type == "cpu" else 1
-        if workers == 1:
-            work(iter(range(len(chunks))))
-        else:
-            # each worker takes the next chunk when it is free: a worker descheduled by another job
-            # on the machine holds up one chunk, not a fixed share of them
-            shared = _SharedCounter(len(chunks))
-            with _single_threaded_ops():
-                list(_pool(workers).map(lambda _: work(shared), range(workers)))
-    return out[:rows_out].view(q.shape)
+            chunks = _chunks(sparse_rows, row_counts, run_starts, offsets, indices, n_q, bk * dim)
+    return TorchSchedule(
+        bq, bk, n_q, n_k, q_slots, out_rows, kv_slots, None if bool(key_ok.all()) else key_ok, key_len,
+        counts, offsets, indices, torch.nonzero(~live).squeeze(1), _full_calls(full, limit, heads, n_q), chunks,
+        max((c.key_elements(bk * dim, dim) for c in chunks), default=0),
+    )
 
 
-def _identity_rows(x: torch.Tensor) -> torch.Tensor:
-    batch, heads, seq, _ = x.shape
-    return torch.arange(batch * heads * seq, device=x.device).view(batch, heads, seq)
+def _source_rows(rows, pos, batch, heads, seq, device) -> torch.Tensor:
+    """``[B*H*n*block]``: the row of the source tensor each slot reads (``rows`` ``[B, H, S]``, or
+    the identity over ``[B, H, S, D]``)."""
+    rows = torch.arange(batch * heads * seq, device=device) if rows is None else rows
+    return rows.reshape(batch * heads, seq).gather(1, pos).reshape(-1)
 
 
 def _block_positions(
@@ -186,49 +260,124 @@ class _SharedCounter:
             return self._next - 1
 
 
+class _BlockRows(NamedTuple):
+    """Query blocks: rows of the block-major queries and output. ``first`` is set when they are
+    consecutive, and reading or writing them is then a slice."""
+
+    index: torch.Tensor
+    first: int | None
+
+    @classmethod
+    def of(cls, index: torch.Tensor) -> _BlockRows:
+        n = index.numel()
+        consecutive = n > 0 and bool((index == index[0] + torch.arange(n, device=index.device)).all())
+        return cls(index, int(index[0]) if consecutive else None)
+
+    def read(self, blocks: torch.Tensor, scratch: str) -> torch.Tensor:
+        """``blocks[index]``: a view, or a copy in this thread's buffer ``scratch``."""
+        n = self.index.numel()
+        if self.first is not None:
+            return blocks[self.first : self.first + n]
+        return torch.index_select(blocks, 0, self.index, out=_buffer(scratch, (n, blocks.shape[1]), blocks))
+
+    def write(self, blocks: torch.Tensor, values: torch.Tensor) -> None:
+        """``blocks[index] = values`` (``values`` viewed as ``[n, row]``)."""
+        values = values.reshape(self.index.numel(), -1)
+        if self.first is not None:
+            blocks[self.first : self.first + len(values)].copy_(values)
+        else:
+            blocks.index_copy_(0, self.index, values)
+
+
 class _Chunk(NamedTuple):
-    """Query-block rows that each attend ``count`` key blocks, computed in one batched call. With
+    """Query blocks that each attend ``count`` key blocks, computed in one batched call. With
     ``run_start`` set, row ``i``'s key blocks are blocks ``run_start + i * run_step ..`` of the
     block-major keys, read in place; otherwise they are gathered. A ``compact`` chunk's rows attend
-    at most ``count`` keys each, gathered key by key (variable key blocks)."""
+    at most ``count`` keys each, gathered key by key (variable key blocks). Each ``merged``
+    consecutive rows attend the same keys and are one query of the batched call."""
 
     count: int
-    rows: torch.Tensor
+    rows: _BlockRows
     run_start: int | None = None
     run_step: int = 0
     compact: bool = False
+    merged: int = 1
 
     def key_elements(self, block_elements: int, dim: int) -> int:
         """Elements of the chunk's gathered keys (0 when they are read in place)."""
         if self.run_start is not None:
             return 0
-        return self.rows.numel() * self.count * (dim if self.compact else block_elements)
+        return self.rows.index.numel() // self.merged * self.count * (dim if self.compact else block_elements)
 
 
-def _chunks(rows: torch.Tensor, counts: torch.Tensor, run_starts: torch.Tensor, block_elements: int) -> list[_Chunk]:
+def _chunks(
+    rows: torch.Tensor, counts: torch.Tensor, run_starts: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor,
+    n_q: int, block_elements: int,
+) -> list[_Chunk]:
     """Rows grouped by key-block count, cut so that each chunk holds about CHUNK_ELEMENTS of keys;
     the largest counts first. Rows whose key blocks are one run (``run_starts`` >= 0: the run's
-    first block in the block-major keys) go in chunks whose runs start equally far apart."""
+    first block in the block-major keys) go in chunks whose runs start equally far apart; the
+    others are gathered, rows that attend the same key blocks as one query."""
     order = torch.argsort(-counts * (run_starts.max() + 2) + run_starts, stable=True)
     chunks = []
     for count, group, starts in _groups(rows[order], counts[order], run_starts[order]):
         per_chunk = max(1, CHUNK_ELEMENTS // (count * block_elements))
         if starts is None:
-            chunks.extend(_Chunk(count, r) for r in torch.split(group, per_chunk))
+            pieces = _shared_key_pieces(group, counts.new_full(group.shape, count), offsets, indices, n_q)
+            chunks.extend(_piece_chunks(pieces, [count] * len(pieces), block_elements, False, rows.device))
         else:
-            chunks.extend(_Chunk(count, group[b:e], starts[b], step) for b, e, step in _equal_steps(starts, per_chunk))
+            chunks.extend(
+                _Chunk(count, _BlockRows.of(group[b:e]), starts[b], step) for b, e, step in _equal_steps(starts, per_chunk)
+            )
     return chunks
 
 
-def _compact_chunks(rows: torch.Tensor, keys: torch.Tensor, dim: int) -> list[_Chunk]:
-    """Rows sorted by how many keys they attend (the most first), cut so that each chunk holds about
-    CHUNK_ELEMENTS of keys with every row padded to the chunk's longest."""
-    order = torch.argsort(keys, descending=True, stable=True)
-    rows, keys = rows[order], keys[order].tolist()
+def _compact_chunks(
+    rows: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor,
+    n_q: int, dim: int,
+) -> list[_Chunk]:
+    """Rows that attend the same key blocks as one query; those queries sorted by how many keys
+    they attend (the most first), cut so that each chunk holds about CHUNK_ELEMENTS of keys with
+    every query padded to the chunk's longest."""
+    pieces = _shared_key_pieces(rows, counts[rows], offsets, indices, n_q)
+    keys_of = dict(zip(rows.tolist(), keys.tolist()))
+    return _piece_chunks(pieces, [keys_of[piece[0]] for piece in pieces], dim, True, rows.device)
+
+
+MOST_MERGED = 8
+
+
+def _shared_key_pieces(rows: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor, n_q: int) -> list[list[int]]:
+    """``rows`` (query blocks, with their key-block ``counts``) in pieces of 1, 2, 4 .. MOST_MERGED
+    rows of one head that attend the same key blocks: each piece is one longer query (the CPU SDPA
+    kernel runs long queries faster, and their keys are gathered once)."""
+    flat = indices.tolist()
+    same_keys: dict[tuple, list[int]] = {}
+    for row, start, count in zip(rows.tolist(), offsets[rows].tolist(), counts.tolist()):
+        same_keys.setdefault((row // n_q, *flat[start : start + count]), []).append(row)
+    pieces = []
+    for group in same_keys.values():
+        while group:
+            size = min(MOST_MERGED, 1 << (len(group).bit_length() - 1))
+            pieces.append(group[:size])
+            group = group[size:]
+    return pieces
+
+
+def _piece_chunks(
+    pieces: list[list[int]], keys: list[int], key_elements: int, compact: bool, device: torch.device
+) -> list[_Chunk]:
+    """Pieces of equal size in chunks, the most keys first, each chunk about CHUNK_ELEMENTS of keys
+    (``key_elements`` per key of ``keys``) with every piece padded to the chunk's most."""
+    order = sorted(range(len(pieces)), key=lambda i: (-len(pieces[i]), -keys[i]))
     chunks, begin = [], 0
-    while begin < len(keys):
-        end = min(len(keys), begin + max(1, CHUNK_ELEMENTS // (keys[begin] * dim)))
-        chunks.append(_Chunk(keys[begin], rows[begin:end], compact=True))
+    while begin < len(order):
+        size, most = len(pieces[order[begin]]), keys[order[begin]]
+        end = begin + 1
+        while end < len(order) and end - begin < CHUNK_ELEMENTS // (most * key_elements) and len(pieces[order[end]]) == size:
+            end += 1
+        rows = torch.tensor([row for i in order[begin:end] for row in pieces[i]], device=device)
+        chunks.append(_Chunk(most, _BlockRows.of(rows), compact=compact, merged=size))
         begin = end
     return chunks
 
@@ -254,44 +403,42 @@ def _equal_steps(starts: list[int], limit: int):
             begin = end
 
 
-def _attend_chunks(
-    q_src, q_index, out_index, k_blocks, v_blocks, key_ok, key_len, counts, offsets, indices, out, n_q, n_k, bk,
-    scale, chunks, todo,
-):
-    """For each chunk number in ``todo``: gather the chunk's queries (and, unless they are read in
-    place, its keys and values) into this thread's buffers, attend, and write its rows of the
-    output. ``key_ok`` is ``None`` when every key slot is valid."""
-    bq, dim = q_index.shape[1], q_src.shape[1]
-    most_rows = max(c.rows.numel() for c in chunks)
-    most_keys = max(c.key_elements(bk * dim, dim) for c in chunks)
+def _attend_chunks(q_blocks, k_blocks, v_blocks, out, s: TorchSchedule, scale, todo):
+    """For each chunk number in ``todo``: read the chunk's queries (and its keys and values, in place
+    or gathered into this thread's buffers), attend, and write its rows of the output."""
+    bq, bk, dim = s.bq, s.bk, q_blocks.shape[1] // s.bq
     for i in todo:
-        count, r, run_start, run_step, compact = chunks[i]
-        n = r.numel()
-        bh = r // n_q
-        qs = torch.index_select(q_src, 0, q_index[r].reshape(-1), out=_buffer("q", (most_rows * bq, dim), q_src)[: n * bq])
-        # rows: the key slots (compact) or key blocks to gather; None where the blocks are read in place
+        count, rows, run_start, run_step, compact, merged = s.chunks[i]
+        r = rows.index
+        lead = r[::merged]  # each query's first block: the rows of a query share their keys
+        n = lead.numel()
+        bh = lead // s.n_q
+        qs = rows.read(q_blocks, "q")
+        # slots: the key slots (compact) or key blocks to gather; None where the blocks are read in place
         if compact:
-            rows, mask = _compact_key_slots(bh, counts[r], offsets[r], indices, key_len, n_k, bk, count)
+            slots, mask = _compact_key_slots(bh, s.counts[lead], s.offsets[lead], s.indices, s.key_len, s.n_k, bk, count)
             length, width = count, dim
         else:
             length, width = count * bk, bk * dim
             blocks = None
-            if run_start is None or key_ok is not None:
-                blocks = indices[offsets[r][:, None] + torch.arange(count, device=r.device)]
-            mask = None if key_ok is None else key_ok[bh[:, None], blocks].reshape(n, length)
-            rows = None if run_start is not None else (bh[:, None] * n_k + blocks).reshape(-1)
-        if rows is None:
+            if run_start is None or s.key_ok is not None:
+                blocks = s.indices[s.offsets[lead][:, None] + torch.arange(count, device=r.device)]
+            mask = None if s.key_ok is None else s.key_ok[bh[:, None], blocks].reshape(n, length)
+            slots = None if run_start is not None else (bh[:, None] * s.n_k + blocks).reshape(-1)
+        if slots is None:
             ks, vs = (_run_view(x, run_start, run_step, n, count) for x in (k_blocks, v_blocks))
         else:
             ks, vs = (
-                torch.index_select(x.view(-1, width), 0, rows, out=_buffer(name, (most_keys,), x)[: rows.numel() * width].view(-1, width))
+                torch.index_select(x.view(-1, width), 0, slots, out=_buffer(name, (s.most_keys,), x)[: slots.numel() * width].view(-1, width))
                 for name, x in (("k", k_blocks), ("v", v_blocks))
             )
-        mask = None if mask is None or bool(mask.all()) else mask.view(n, 1, 1, length)
+        if mask is not None:
+            # an additive mask: the CPU kernel converts a boolean one on every call
+            mask = None if bool(mask.all()) else qs.new_zeros(n, 1, 1, length).masked_fill_(~mask.view(n, 1, 1, length), -math.inf)
         o = F.scaled_dot_product_attention(
-            qs.view(n, 1, bq, dim), ks.view(n, 1, length, dim), vs.view(n, 1, length, dim), attn_mask=mask, scale=scale,
+            qs.view(n, 1, merged * bq, dim), ks.view(n, 1, length, dim), vs.view(n, 1, length, dim), attn_mask=mask, scale=scale,
         )
-        out.index_copy_(0, out_index[r].reshape(-1), o.view(n * bq, dim))
+        rows.write(out, o)
 
 
 def _compact_key_slots(bh, row_counts, row_offsets, indices, key_len, n_k, bk, length):
@@ -359,15 +506,18 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dit-sparse")
 
 
-def _attend_full_rows(q_src, q_index, out_index, k_blocks, v_blocks, limit, full, out, heads, n_q, scale):
-    """Rows that attend every key block, over the valid keys in place (in plan order they are a
-    prefix): heads whose every row is full and whose batch elements have as many valid keys in one
-    SDPA call, each other head in a call of its own."""
-    if not bool(full.any()):
-        return
-    dim = q_src.shape[1]
-    keys = k_blocks.view(full.numel() // n_q, -1, dim)
-    values = v_blocks.view_as(keys)
+class _FullCall(NamedTuple):
+    """Query blocks of the heads ``group`` that attend every key block: one SDPA over the first
+    ``length`` keys of those heads, in place."""
+
+    group: torch.Tensor
+    rows: _BlockRows
+    length: int
+
+
+def _full_calls(full: torch.Tensor, limit: torch.Tensor, heads: int, n_q: int) -> list[_FullCall]:
+    """Heads whose every query block is full and whose batch elements have as many valid keys in one
+    call; each other head's full query blocks in a call of its own."""
     full = full.view(-1, n_q)
     valid = limit.repeat_interleave(heads)
     whole = full.all(-1)
@@ -375,11 +525,18 @@ def _attend_full_rows(q_src, q_index, out_index, k_blocks, v_blocks, limit, full
     calls = [(group, (group[:, None] * n_q + blocks).reshape(-1))
              for group in (torch.nonzero(whole & (valid == n)).squeeze(1) for n in torch.unique(valid[whole]).tolist())]
     calls += [(bh[None], torch.nonzero(full[bh]).squeeze(1) + bh * n_q) for bh in torch.nonzero(full.any(-1) & ~whole).squeeze(1)]
-    for group, rows in calls:
-        n = int(valid[group[0]])
-        qs = q_src.index_select(0, q_index[rows].reshape(-1)).view(1, len(group), -1, dim)
-        o = F.scaled_dot_product_attention(qs, _heads(keys, group, n), _heads(values, group, n), scale=scale)
-        out.index_copy_(0, out_index[rows].reshape(-1), o.view(-1, dim))
+    return [_FullCall(group, _BlockRows.of(rows), int(valid[group[0]])) for group, rows in calls]
+
+
+def _attend_full_rows(q_blocks, k_blocks, v_blocks, out, s: TorchSchedule, scale) -> None:
+    """Each of the schedule's full calls: its query blocks over their heads' valid keys in place (in
+    plan order a prefix)."""
+    dim = q_blocks.shape[1] // s.bq
+    keys = k_blocks.view(-1, s.n_k * s.bk, dim)
+    values = v_blocks.view_as(keys)
+    for group, rows, length in s.full_calls:
+        qs = rows.read(q_blocks, "q").view(1, len(group), -1, dim)
+        rows.write(out, F.scaled_dot_product_attention(qs, _heads(keys, group, length), _heads(values, group, length), scale=scale))
 
 
 def _heads(x: torch.Tensor, group: torch.Tensor, length: int) -> torch.Tensor:

@@ -102,6 +102,56 @@ def test_rows_whose_only_keys_are_padding_give_zeros():
     assert (out - ref).abs().max() <= 1e-5
 
 
+def test_schedule_is_derived_once_per_plan_and_again_for_new_text_padding(monkeypatch):
+    """The torch backend works out what depends on the plan alone once (cached on the plan): later
+    calls with new q, k, v reuse it, a plan for new text padding gets its own, and every output
+    equals the reference."""
+    import dit_sparse.kernels.block_sparse_attention_torch as torch_kernel
+
+    built = []
+    schedule = torch_kernel.torch_schedule
+    monkeypatch.setattr(torch_kernel, "torch_schedule", lambda *a, **kw: built.append(a[-1]) or schedule(*a, **kw))
+    layout = TokenLayout((3, 6, 10), 21, False, (21, 5))
+    plan = random_plan(layout, heads=2, block_size=32, batch=2, density=0.4, empty_rows=1, seed=4)
+    repadded = plan.with_layout(layout.with_valid_text_len((9, 0)))
+    for p in (plan, plan, repadded, repadded, plan):
+        q, k, v = qkv(layout, 2, 2)
+        ref = sparse_attention(q, k, v, p, backend="torch_reference")
+        assert (sparse_attention(q, k, v, p, backend="torch") - ref).abs().max() <= 1e-5
+    assert len(built) == 2
+
+
+@pytest.mark.parametrize("variable_keys", [False, True])
+def test_query_blocks_that_share_their_key_blocks_are_one_query(variable_keys, monkeypatch):
+    """Query blocks of a head that attend the same scattered key blocks (as a query cluster's blocks
+    do) run as one longer query in pieces of 1, 2, 4, 8 blocks; the result equals the reference."""
+    import dit_sparse.kernels.block_sparse_attention_torch as torch_kernel
+
+    queries = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: queries.append(q.shape[2]) or sdpa(q, *a, **kw))
+    layout = TokenLayout((4, 16, 16), 16, False, (9,))
+    n_q = layout.num_blocks(32)
+    g = torch.Generator().manual_seed(2)
+    kv_starts = None
+    n_k = n_q
+    if variable_keys:
+        ends = torch.randint(1, 33, (120,), generator=g).cumsum(0)
+        kv_starts = torch.cat([torch.zeros(1, dtype=torch.long), ends[ends < layout.seq_len], torch.tensor([layout.seq_len])])
+        n_k = kv_starts.numel() - 1
+    key_sets = torch.rand(3, n_k, generator=g) < 0.3  # three scattered key sets, each some query blocks'
+    key_sets[:, 0] = True
+    which = torch.randint(0, 3, (2, n_q), generator=g)
+    mask = key_sets[which]
+    plan = BlockSparsePlan.from_block_mask(
+        mask[None], layout, 32, q_order=layout.tile_order((1, 4, 4)), kv_starts=None if kv_starts is None else kv_starts.view(1, 1, -1)
+    )
+    q, k, v = qkv(layout, 2, 2)
+    out = sparse_attention(q, k, v, plan, backend="torch")
+    assert max(queries) == torch_kernel.MOST_MERGED * 32
+    assert (out - sparse_attention(q, k, v, plan, backend="torch_reference")).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize(
     "change,match",
     [
