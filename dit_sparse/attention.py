@@ -50,9 +50,8 @@ def sparse_attention(
         )
         return out.transpose(1, 2)
 
-    if name == "torch":  # the token gathers run inside the kernel, chunk by chunk
-        rows = _token_rows(plan, "q", batch), _token_rows(plan, "kv", batch)
-        return _torch_kernel(q, k, v, plan, _valid_len(plan, batch, q.device), scale, *rows)
+    if name == "torch":  # the token gathers run inside the kernel
+        return _torch_kernel(q, k, v, plan, _valid_len(plan, batch, q.device), scale, token_order=True)
     qp = _to_plan_order(q, plan, "q")
     kp = _to_plan_order(k, plan, "kv")
     vp = _to_plan_order(v, plan, "kv")
@@ -164,9 +163,7 @@ def _valid_len(plan: BlockSparsePlan, batch: int, device: torch.device) -> torch
 def _token_rows(plan: BlockSparsePlan, which: str, batch: int) -> torch.Tensor:
     """``[B, H, S]``: the row of a ``(B, S, H, D)`` tensor's ``reshape(-1, D)`` that holds each
     position of each head's query (``"q"``) or key (``"kv"``) order."""
-    return plan.cached(
-        ("rows", which, batch), lambda: _gather_index(plan.order(which, batch)).view(batch, plan.num_heads, -1)
-    )
+    return _gather_index(plan.order(which, batch)).view(batch, plan.num_heads, -1)
 
 
 def _to_plan_order(x: torch.Tensor, plan: BlockSparsePlan, which: str) -> torch.Tensor:
@@ -195,15 +192,20 @@ def _plan_starts(plan: BlockSparsePlan) -> dict:
     return {"q_starts": plan.q_starts, "kv_starts": plan.kv_starts}
 
 
-def _torch_kernel(q, k, v, plan: BlockSparsePlan, valid, scale, q_rows=None, kv_rows=None):
+def _torch_kernel(q, k, v, plan: BlockSparsePlan, valid, scale, token_order: bool = False):
+    """The ``torch`` backend on ``[B, H, S, D]`` tensors in plan order or, with ``token_order``, on
+    ``(B, S, H, D)`` tensors in the original order (the kernel gathers them); its schedule is worked
+    out once per plan, batch size and head dim."""
     from dit_sparse.kernels.block_sparse_attention_torch import block_sparse_attention_torch, torch_schedule
 
     batch, dim = q.shape[0], q.shape[-1]
-    shape = (batch, plan.num_heads, plan.layout.seq_len)
-    schedule = plan.cached(
-        ("valid", "torch_schedule", batch, dim, q_rows is not None),
-        lambda: torch_schedule(*_plan_rows(plan), shape, dim, valid, q_rows, kv_rows, **_plan_starts(plan)),
-    )
+
+    def schedule():
+        rows = (_token_rows(plan, "q", batch), _token_rows(plan, "kv", batch)) if token_order else (None, None)
+        shape = (batch, plan.num_heads, plan.layout.seq_len)
+        return torch_schedule(*_plan_rows(plan), shape, dim, valid, *rows, **_plan_starts(plan))
+
+    schedule = plan.cached(("valid", "torch_schedule", batch, dim, token_order), schedule)
     return block_sparse_attention_torch(q, k, v, *_plan_rows(plan), scale=scale, schedule=schedule)
 
 

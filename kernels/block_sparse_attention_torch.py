@@ -182,8 +182,8 @@ def torch_schedule(
     if q_rows is not None or q_starts is not None or seq != n_q * bq:
         q_slots = _source_rows(q_rows, q_pos, batch, heads, seq, device)
         real = q_real.reshape(-1)
-        out_rows = torch.empty(batch * heads * seq, dtype=torch.long, device=device)
-        out_rows[q_slots[real]] = torch.nonzero(real).squeeze(1)
+        out_rows = torch.empty(batch * heads * seq, dtype=_index_dtype(q_slots.numel()), device=device)
+        out_rows[q_slots[real].long()] = torch.nonzero(real).squeeze(1).to(out_rows.dtype)
     kv_pos, kv_real = _block_positions(kv_starts, batch, heads, seq, n_k, bk, device)
     kv_slots = None
     if kv_rows is not None or kv_starts is not None or seq != n_k * bk:
@@ -225,7 +225,13 @@ def _source_rows(rows, pos, batch, heads, seq, device) -> torch.Tensor:
     """``[B*H*n*block]``: the row of the source tensor each slot reads (``rows`` ``[B, H, S]``, or
     the identity over ``[B, H, S, D]``)."""
     rows = torch.arange(batch * heads * seq, device=device) if rows is None else rows
-    return rows.reshape(batch * heads, seq).gather(1, pos).reshape(-1)
+    return rows.reshape(batch * heads, seq).gather(1, pos).reshape(-1).to(_index_dtype(pos.numel()))
+
+
+def _index_dtype(size: int) -> torch.dtype:
+    """int32 for indices into fewer than 2**31 rows (a schedule cached per plan takes half the
+    memory), else int64."""
+    return torch.int32 if size < 2**31 else torch.int64
 
 
 def _block_positions(
