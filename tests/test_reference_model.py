@@ -197,3 +197,37 @@ def test_two_training_steps_write_a_loadable_pipeline_and_a_rerun_resumes(tmp_pa
     train(work, out, sizes, longer)
     resumed = [line.split(",")[:2] for line in (work / "loss.csv").read_text().splitlines()]
     assert resumed[:7] == [line.split(",")[:2] for line in lines] and resumed[7] == ["finetune", "2"]
+
+
+def test_swapped_prompts_change_one_word_class_each():
+    import random
+
+    from dit_sparse.eval.reference.conditioning import SWAPS, swapped_prompts
+    from dit_sparse.eval.reference.detector import parse_prompt
+
+    for seed in range(HELDOUT_SEED_START, HELDOUT_SEED_START + 12):
+        spec = clip_spec(seed)
+        prompts = swapped_prompts(spec, random.Random(seed))
+        true = parse_prompt(prompts["true"])
+        assert true == Reading.of(spec)
+        for kind in SWAPS:
+            swapped = parse_prompt(prompts[kind])
+            if kind == "background":
+                assert swapped.background != true.background and swapped.objects == true.objects
+                continue
+            assert swapped.background == true.background
+            (old,), (new,) = set(true.objects) - set(swapped.objects), set(swapped.objects) - set(true.objects)
+            changed = [name for name, a, b in zip(("colour", "shape", "motion"), old, new) if a != b]
+            assert changed == [kind]
+        assert prompts["empty"] == ""
+
+
+def test_conditioning_losses_show_which_words_the_model_uses(reference_pipe):
+    """On two held-out clips the shipped model's loss rises when the background word is swapped (it
+    draws the background its prompt names) and every variant is reported."""
+    from dit_sparse.eval.reference.conditioning import conditioning_losses, format_losses
+
+    losses = conditioning_losses(reference_pipe, clips=2, sigmas=(0.6,))
+    assert list(losses) == ["true", "motion", "shape", "colour", "background", "empty"]
+    assert losses["background"] > 1.2 * losses["true"]
+    assert "| background |" in format_losses(losses)

@@ -16,7 +16,8 @@ its vocabulary (colours, shapes, motions, backgrounds)::
     (29, 128, 128, 3)
 
 Training: :mod:`dit_sparse.eval.reference.train`; the detector that reads colour, shape and motion
-back from frames: :mod:`dit_sparse.eval.reference.detector`; docs/reference-model.md.
+back from frames: :mod:`dit_sparse.eval.reference.detector`; which prompt words a trained model
+uses: :mod:`dit_sparse.eval.reference.conditioning`; docs/reference-model.md.
 """
 
 from __future__ import annotations
