@@ -327,11 +327,11 @@ def _chunks(
     order = torch.argsort(-counts * (run_starts.max() + 2) + run_starts, stable=True)
     chunks = []
     for count, group, starts in _groups(rows[order], counts[order], run_starts[order]):
-        per_chunk = max(1, CHUNK_ELEMENTS // (count * block_elements))
         if starts is None:
             pieces = _shared_key_pieces(group, counts.new_full(group.shape, count), offsets, indices, n_q)
             chunks.extend(_piece_chunks(pieces, [count] * len(pieces), block_elements, False, rows.device))
         else:
+            per_chunk = max(1, CHUNK_ELEMENTS // (count * block_elements))
             chunks.extend(
                 _Chunk(count, _BlockRows.of(group[b:e]), starts[b], step) for b, e, step in _equal_steps(starts, per_chunk)
             )

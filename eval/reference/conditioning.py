@@ -62,7 +62,8 @@ def conditioning_losses(pipe, clips: int = 24, sigmas: tuple[float, ...] = (0.3,
     every variant sees the same noise."""
     vae, transformer = pipe.vae, pipe.transformer
     mean, std = (torch.tensor(getattr(vae.config, name)).view(1, -1, 1, 1, 1) for name in ("latents_mean", "latents_std"))
-    frames, max_length = reference_call_kwargs()["num_frames"], reference_call_kwargs()["max_sequence_length"]
+    call = reference_call_kwargs()
+    frames, max_length = call["num_frames"], call["max_sequence_length"]
     rng = random.Random(seed)
     totals: dict[str, float] = {}
     with torch.no_grad():
