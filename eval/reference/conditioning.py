@@ -23,10 +23,9 @@ from tqdm.auto import tqdm
 
 from . import reference_call_kwargs, reference_model_dir
 from .clips import BACKGROUNDS, COLOURS, HELDOUT_SEED_START, MOTIONS, SHAPES, ClipSpec, clip_spec, render_clip
-from .train import to_model_range
+from .train import CLIP_FRAMES, SMALL_SIDE, to_model_range
 
 SWAPS = ("motion", "shape", "colour", "background")
-TRAINING_SIDE = 64
 
 
 def swapped_prompts(spec: ClipSpec, rng: random.Random) -> dict[str, str]:
@@ -62,20 +61,19 @@ def conditioning_losses(pipe, clips: int = 24, sigmas: tuple[float, ...] = (0.3,
     every variant sees the same noise."""
     vae, transformer = pipe.vae, pipe.transformer
     mean, std = (torch.tensor(getattr(vae.config, name)).view(1, -1, 1, 1, 1) for name in ("latents_mean", "latents_std"))
-    call = reference_call_kwargs()
-    frames, max_length = call["num_frames"], call["max_sequence_length"]
+    max_length = reference_call_kwargs()["max_sequence_length"]
     rng = random.Random(seed)
     totals: dict[str, float] = {}
     with torch.no_grad():
         for clip_seed in tqdm(range(HELDOUT_SEED_START, HELDOUT_SEED_START + clips), desc="clips"):
             spec = clip_spec(clip_seed)
-            video = render_clip(spec, frames, TRAINING_SIDE, TRAINING_SIDE)[None]
+            video = render_clip(spec, CLIP_FRAMES, SMALL_SIDE, SMALL_SIDE)[None]
             latents = (vae.encode(to_model_range(video)).latent_dist.mode() - mean) / std
             prompts = swapped_prompts(spec, rng)
             embeds = pipe.encode_prompt(list(prompts.values()), do_classifier_free_guidance=False,
                                         max_sequence_length=max_length)[0]
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(clip_seed))
             for sigma in sigmas:
-                noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(clip_seed))
                 noisy = ((1 - sigma) * latents + sigma * noise).expand(len(prompts), -1, -1, -1, -1)
                 timestep = torch.full((len(prompts),), sigma * 1000)
                 prediction = transformer(noisy, timestep=timestep, encoder_hidden_states=embeds, return_dict=False)[0]
