@@ -12,7 +12,8 @@ from dit_sparse.eval.reference.clips import HELDOUT_SEED_START, clip_spec, rende
 from dit_sparse.eval.reference.components import ReferenceSizes
 from dit_sparse.eval.reference.detector import Reading, detect, parse_prompt
 from dit_sparse.eval.reference.scoring import adherence, agreement
-from dit_sparse.eval.reference.train import Denoiser, TrainSettings, object_masks, train
+from dit_sparse.eval.reference.train import (Denoiser, TrainSettings, cached_batches, main, object_masks, to_model_range,
+                                             train)
 from dit_sparse.eval.reference.vocabulary import build_tokenizer, unknown_words, vocabulary
 
 
@@ -91,10 +92,7 @@ def test_the_shipped_folder_loads_with_the_stock_wan_pipeline(reference_pipe):
     assert tokens >= 8192
     summary = json.loads((reference_model_dir() / "training.json").read_text())
     assert summary["command"].startswith("python -m dit_sparse.eval.reference.train")
-    # a setting added after the shipped run (object_weight) must default to what that run did
-    defaults = TrainSettings().__dict__
-    assert {**defaults, **summary["settings"]} == defaults, "the shipped weights are not the default command's output"
-    assert set(defaults) - set(summary["settings"]) <= {"object_weight"} and defaults["object_weight"] == 0.0
+    assert summary["settings"] == TrainSettings().__dict__, "the shipped weights are not the default command's output"
 
 
 def test_the_call_settings_encode_prompts_as_training_did(reference_pipe):
@@ -177,16 +175,38 @@ def test_the_weighted_loss_is_the_plain_loss_at_equal_weights_and_follows_the_we
     assert not torch.allclose(weighted, plain)
 
 
+def test_short_clip_batches_are_the_latents_of_the_clips_first_frames(reference_pipe):
+    vae = reference_pipe.vae
+    spec = clip_spec(5)
+    clip = render_clip(spec, 29, 32, 32)[None]
+    with torch.no_grad():
+        whole = vae.encode(to_model_range(clip)).latent_dist.mode()
+        first = vae.encode(to_model_range(clip[:, :13])).latent_dist.mode()
+    data = {"latents": whole, "masks": torch.ones(1, 8, 8, 8, dtype=torch.bool), "prompts": [spec.prompt],
+            "mean": torch.zeros(16), "std": torch.ones(16)}
+    latents, prompts, masks = cached_batches(data, TrainSettings(batch=1), latent_frames=4)(0)
+    assert latents.shape == first.shape == (1, 16, 4, 8, 8) and masks.shape == (1, 4, 8, 8) and prompts == [spec.prompt]
+    torch.testing.assert_close(latents, first, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("frames", ["12", "33", "0"])
+def test_clip_frames_the_vae_cannot_cut_are_refused_before_training(tmp_path, capsys, frames):
+    with pytest.raises(SystemExit):
+        main(["--work", str(tmp_path / "work"), "--out", str(tmp_path / "model"), "--clip-frames", frames])
+    assert "--clip-frames" in capsys.readouterr().err and not (tmp_path / "work").exists()
+
+
 def test_two_training_steps_write_a_loadable_pipeline_and_a_rerun_resumes(tmp_path):
     from diffusers import WanPipeline
 
     sizes = ReferenceSizes(num_layers=1, frames=5, height=32, width=32)
     settings = TrainSettings(vae_steps=2, vae_long_steps=1, latent_clips=2, steps=2, finetune_steps=2,
-                             heldout_clips=1, checkpoint_every=1, object_weight=4.0)
+                             heldout_clips=1, checkpoint_every=1, object_weight=4.0, clip_frames=13, long_steps=1)
     work, out = tmp_path / "work", tmp_path / "model"
     train(work, out, sizes, settings, plot=tmp_path / "loss.png")
     lines = (work / "loss.csv").read_text().splitlines()
-    assert [line.split(",")[0] for line in lines] == ["vae"] * 2 + ["vae_long"] + ["transformer"] * 2 + ["finetune"] * 2
+    stages = ["vae"] * 2 + ["vae_long"] + ["transformer"] * 2 + ["transformer_long"] + ["finetune"] * 2
+    assert [line.split(",")[0] for line in lines] == stages
     assert (tmp_path / "loss.png").stat().st_size > 0
     pipe = WanPipeline.from_pretrained(out)
     video = pipe(prompt="a red circle moving left on a black background", num_frames=5, height=32, width=32,
@@ -196,7 +216,7 @@ def test_two_training_steps_write_a_loadable_pipeline_and_a_rerun_resumes(tmp_pa
     longer = TrainSettings(**{**settings.__dict__, "finetune_steps": 3})
     train(work, out, sizes, longer)
     resumed = [line.split(",")[:2] for line in (work / "loss.csv").read_text().splitlines()]
-    assert resumed[:7] == [line.split(",")[:2] for line in lines] and resumed[7] == ["finetune", "2"]
+    assert resumed[:8] == [line.split(",")[:2] for line in lines] and resumed[8] == ["finetune", "2"]
 
 
 def test_swapped_prompts_change_one_word_class_each():

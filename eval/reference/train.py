@@ -12,9 +12,11 @@ checkpoint when the command runs again (a finished stage is skipped):
 2. ``latents``: the VAE encodes ``--latent-clips`` 29-frame 64x64 training clips once; per-channel
    mean and standard deviation become the VAE's ``latents_mean`` / ``latents_std``.
 3. ``transformer``: the ``WanTransformer3DModel`` and the ``UMT5EncoderModel`` together, by flow
-   matching on those latents (2,048 tokens per clip), with prompt dropout so that CFG works;
+   matching on those latents (1,024 tokens per 13-frame clip), with prompt dropout so that CFG works;
    ``--object-weight W`` weights the squared error of latent positions an object covers by
-   ``1 + W`` (default 0: the plain loss the shipped weights were trained with).
+   ``1 + W`` (default 0: the plain loss the shipped weights were trained with). It trains on the
+   latents of each clip's first ``--clip-frames`` frames (13: cheaper steps, the clip's own speed);
+   then ``--long-steps`` steps on the whole 29-frame clips, the stage ``transformer_long``.
 4. ``finetune``: the same at the default size (29 frames of 128x128, 8,192 tokens), clips rendered
    and encoded as they are needed.
 5. ``export``: the exponential moving averages of the weights, saved with ``save_pretrained``, a
@@ -56,12 +58,16 @@ class TrainSettings:
     vae_steps: int = 2400
     vae_batch: int = 4
     vae_lr: float = 3e-3
-    vae_long_steps: int = 900
+    vae_long_steps: int = 1500
     vae_long_lr: float = 1e-3
     latent_clips: int = 3000
-    steps: int = 1000
+    steps: int = 4400
     batch: int = 4
     lr: float = 1e-3
+    clip_frames: int = 13
+    long_steps: int = 300
+    long_lr: float = 5e-4
+    long_ema_decay: float = 0.99
     finetune_steps: int = 100
     finetune_batch: int = 1
     finetune_lr: float = 3e-4
@@ -346,15 +352,17 @@ def optimise(stage: str, work: Path, steps: int, lr: float, optimizer: torch.opt
 
 
 
-def cached_batches(data: dict, settings: TrainSettings):
+def cached_batches(data: dict, settings: TrainSettings, latent_frames: int):
     """Batches ``(latents, prompts, object masks)`` of the encoded 64x64 clips, normalised, in a
-    seeded order."""
+    seeded order: the first ``latent_frames`` latent frames of each (with Wan's causal VAE, the
+    latents of the clip's first frames)."""
     normalised = (data["latents"] - data["mean"].view(1, -1, 1, 1, 1)) / data["std"].view(1, -1, 1, 1, 1)
+    normalised, masks = normalised[:, :, :latent_frames], data["masks"][:, :latent_frames]
 
     def batch(step: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         index = torch.randint(0, len(normalised), (settings.batch,),
                               generator=torch.Generator().manual_seed(settings.seed + 7 * step))
-        return normalised[index], [data["prompts"][i] for i in index.tolist()], data["masks"][index]
+        return normalised[index], [data["prompts"][i] for i in index.tolist()], masks[index]
 
     return batch
 
@@ -447,16 +455,26 @@ def train(work: Path, out: Path, sizes: ReferenceSizes, settings: TrainSettings,
     vae = train_vae(work, sizes, settings, log)
     data = encode_latents(work, vae, settings)
     denoiser = Denoiser(sizes, settings.seed)
+    scale = vae.config.scale_factor_temporal
     train_denoiser("transformer", work, denoiser, settings.steps, settings.lr, EMA_DECAY,
-                   cached_batches(data, settings), log, settings)
+                   cached_batches(data, settings, (settings.clip_frames - 1) // scale + 1), log, settings)
+    if settings.long_steps:
+        train_denoiser("transformer_long", work, denoiser, settings.long_steps, settings.long_lr, settings.long_ema_decay,
+                       cached_batches(data, settings, (CLIP_FRAMES - 1) // scale + 1), log, settings)
     train_denoiser("finetune", work, denoiser, settings.finetune_steps, settings.finetune_lr,
                    settings.finetune_ema_decay, rendered_batches(vae, data, sizes, settings), log, settings)
     export(out, work, vae, data, denoiser, sizes, settings, log, plot, time.time() - began)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     settings = TrainSettings(**{name: getattr(args, name) for name in TrainSettings.__dataclass_fields__})
+    scale = ReferenceSizes().vae_scale
+    if not (1 <= settings.clip_frames <= CLIP_FRAMES and (settings.clip_frames - 1) % scale == 0):
+        parser.error(f"--clip-frames {settings.clip_frames}: the training clips have {CLIP_FRAMES} frames and the VAE "
+                     f"encodes the first frame and then groups of {scale}, so use {scale}k + 1 frames up to "
+                     f"{CLIP_FRAMES} (e.g. 13)")
     if args.out.exists() and any(args.out.iterdir()) and not (args.out / "model_index.json").exists():
         raise SystemExit(f"--out {args.out} exists and is not a pipeline folder; name an empty or new folder")
     if args.threads:
