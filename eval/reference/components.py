@@ -49,9 +49,14 @@ class ReferenceSizes:
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae_dim_mult) - 1)
 
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames of a ``frames``-frame video: the VAE encodes the first frame alone, then
+        groups of ``vae_scale``."""
+        return (frames - 1) // self.vae_scale + 1
+
     def video_tokens(self, frames: int, height: int, width: int) -> int:
         """Video tokens per transformer call for a video of this size."""
-        return ((frames - 1) // self.vae_scale + 1) * (height // self.vae_scale) * (width // self.vae_scale)
+        return self.latent_frames(frames) * (height // self.vae_scale) * (width // self.vae_scale)
 
     def to_dict(self) -> dict:
         return asdict(self)

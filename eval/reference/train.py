@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..harness.video_size import VideoSize
 from .clips import BACKGROUNDS, HELDOUT_SEED_START, clip_spec, render_clip
 from .components import (ReferenceSizes, assemble_pipeline, build_text_encoder, build_tokenizer,
                          build_transformer, build_vae)
@@ -455,12 +456,11 @@ def train(work: Path, out: Path, sizes: ReferenceSizes, settings: TrainSettings,
     vae = train_vae(work, sizes, settings, log)
     data = encode_latents(work, vae, settings)
     denoiser = Denoiser(sizes, settings.seed)
-    scale = vae.config.scale_factor_temporal
     train_denoiser("transformer", work, denoiser, settings.steps, settings.lr, EMA_DECAY,
-                   cached_batches(data, settings, (settings.clip_frames - 1) // scale + 1), log, settings)
+                   cached_batches(data, settings, sizes.latent_frames(settings.clip_frames)), log, settings)
     if settings.long_steps:
         train_denoiser("transformer_long", work, denoiser, settings.long_steps, settings.long_lr, settings.long_ema_decay,
-                       cached_batches(data, settings, (CLIP_FRAMES - 1) // scale + 1), log, settings)
+                       cached_batches(data, settings, sizes.latent_frames(CLIP_FRAMES)), log, settings)
     train_denoiser("finetune", work, denoiser, settings.finetune_steps, settings.finetune_lr,
                    settings.finetune_ema_decay, rendered_batches(vae, data, sizes, settings), log, settings)
     export(out, work, vae, data, denoiser, sizes, settings, log, plot, time.time() - began)
@@ -470,16 +470,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = TrainSettings(**{name: getattr(args, name) for name in TrainSettings.__dataclass_fields__})
-    scale = ReferenceSizes().vae_scale
-    if not (1 <= settings.clip_frames <= CLIP_FRAMES and (settings.clip_frames - 1) % scale == 0):
-        parser.error(f"--clip-frames {settings.clip_frames}: the training clips have {CLIP_FRAMES} frames and the VAE "
-                     f"encodes the first frame and then groups of {scale}, so use {scale}k + 1 frames up to "
-                     f"{CLIP_FRAMES} (e.g. 13)")
+    sizes = ReferenceSizes()
+    if not 1 <= settings.clip_frames <= CLIP_FRAMES:
+        parser.error(f"--clip-frames {settings.clip_frames}: the training clips have {CLIP_FRAMES} frames; "
+                     f"use 1 to {CLIP_FRAMES} (e.g. 13)")
+    try:
+        VideoSize("--clip-frames", frame_step=sizes.vae_scale).check(frames=settings.clip_frames)
+    except ValueError as error:
+        parser.error(str(error))
     if args.out.exists() and any(args.out.iterdir()) and not (args.out / "model_index.json").exists():
         raise SystemExit(f"--out {args.out} exists and is not a pipeline folder; name an empty or new folder")
     if args.threads:
         torch.set_num_threads(args.threads)
-    train(args.work, args.out, ReferenceSizes(), settings, args.plot)
+    train(args.work, args.out, sizes, settings, args.plot)
     print(f"wrote {args.out} ({args.out / 'training.json'})")
 
 
