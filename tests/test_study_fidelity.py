@@ -193,3 +193,48 @@ def test_a_run_whose_dense_calls_spread_has_its_speedups_marked(study, tmp_path)
             assert f"{row['speedup']:.2f}x (load)" in text
     text = write_report(steady, tmp_path / "steady", save=False).read_text()
     assert "Timing:" not in text and not any(row["unsteady"] for row in steady["runs"][steady["main_size"]]["rows"])
+
+
+def test_a_run_records_the_weights_it_measured_and_the_page_names_them(study):
+    from dit_sparse.eval.reference import reference_weights_id
+
+    _, _, out, results = study
+    assert results["weights"] == reference_weights_id()
+    assert f"fingerprint `{reference_weights_id()}`" in (out / "fidelity.md").read_text()
+
+
+def test_report_only_leaves_out_runs_on_other_weights_and_refuses_when_none_is_on_the_shipped_ones(study, tmp_path):
+    from dit_sparse.eval.studies.fidelity_report import merge_results, read_results
+
+    _, _, out, results = study
+    (tmp_path / "results").mkdir()
+    shutil.copy(out / "results" / "fidelity.json", tmp_path / "results" / "fidelity.json")
+    earlier = json.loads((out / "results" / "fidelity.json").read_text())
+    earlier.pop("weights")   # a run saved before runs recorded their weights
+    (tmp_path / "results" / "fidelity_earlier.json").write_text(json.dumps(earlier))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["--out", str(tmp_path), "--report-only"]) == 0
+    assert "left out 1 run(s) measured on other weights: fidelity_earlier.json (weights not recorded)" in printed.getvalue()
+    text = (tmp_path / "fidelity.md").read_text()
+    assert "- Run 1: `" in text and "- Run 2: `" not in text
+    with pytest.raises(ValueError, match="different weights"):
+        merge_results([results, read_results(tmp_path / "results" / "fidelity_earlier.json")])
+
+    (tmp_path / "results" / "fidelity.json").unlink()
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors):
+        assert main(["--out", str(tmp_path), "--report-only"]) == 2
+    assert "none of the 1 runs" in errors.getvalue() and "run the study again on them" in errors.getvalue()
+
+
+def test_the_weights_fingerprint_changes_with_any_weight_byte(tmp_path):
+    from dit_sparse.eval.reference import reference_model_dir, reference_weights_id
+
+    copy = shutil.copytree(reference_model_dir(), tmp_path / "model")
+    assert reference_weights_id(copy) == reference_weights_id()
+    weights = copy / "vae" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert reference_weights_id(copy) != reference_weights_id()

@@ -43,6 +43,25 @@ def reference_model_dir() -> Path:
     return folder
 
 
+def reference_weights_id(folder: str | Path | None = None) -> str:
+    """A short fingerprint of a pipeline folder's weights (the shipped one by default): the SHA-256
+    of its ``*.safetensors`` files, their paths and bytes, first 12 hex digits. The fidelity study's
+    results record it, so that runs on different weights are never merged into one page.
+
+    Example::
+
+        >>> len(reference_weights_id())
+        12
+    """
+    import hashlib
+
+    folder = Path(folder) if folder is not None else reference_model_dir()
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def runs_as_reference(model: str | Path | None) -> bool:
     """Whether the eval runs ``model`` as the reference model (its held-out prompts, call settings and
     detector): ``None`` (the shipped folder), or a pipeline folder the training command wrote (it
@@ -96,4 +115,4 @@ def prompt_choices(examples: int = 8) -> list[str]:
 
 
 __all__ = ["REFERENCE_MODEL_NAME", "heldout_prompts", "prompt_choices", "reference_call_kwargs", "reference_model_dir",
-           "runs_as_reference", "unknown_words", "vocabulary"]
+           "reference_weights_id", "runs_as_reference", "unknown_words", "vocabulary"]

@@ -357,7 +357,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, StudyPlan]:
 
 def main(argv: list[str] | None = None) -> int:
     args, plan = parse_args(argv)
-    from .fidelity_report import merge_results, read_results, write_report
+    from .fidelity_report import write_report
 
     if args.report_only:
         saved = sorted((args.out / "results").glob("fidelity*.json"))
@@ -365,12 +365,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--report-only reads {args.out / 'results'}/fidelity*.json, and there is none: run the study "
                   f"with --out {args.out} first", file=sys.stderr)
             return 2
-        print(f"wrote {write_report(merge_results([read_results(path) for path in saved]), args.out, save=False)}")
-        return 0
+        return report_shipped_weights(saved, args.out)
     import torch
 
     from ..harness.models import load_reference_model
-    from ..reference import heldout_prompts
+    from ..reference import heldout_prompts, reference_weights_id
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -378,14 +377,37 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [prompt for _, prompt in heldout_prompts(args.prompts)]
     command = "python -m dit_sparse.eval.studies.fidelity " + " ".join(argv if argv is not None else sys.argv[1:])
     started = _now()
+    weights = reference_weights_id()
 
     def report(results: dict[str, Any]) -> None:
         done = sum(len(run["rows"]) for run in results["runs"].values())
         total = sum(len(stage.methods) for stage in plan.stages)
-        results |= {"command": command, "started": started, "finished": _now(), "methods_done": f"{done} of {total}"}
+        results |= {"command": command, "started": started, "finished": _now(), "methods_done": f"{done} of {total}",
+                    "weights": weights}
         print(f"wrote {write_report(results, args.out)} ({done} of {total} methods)", flush=True)
 
     run_study(plan, prompts, model, args.warmup, args.repeats, args.seed, after_stage=report)
+    return 0
+
+
+def report_shipped_weights(saved: list[Path], out: Path) -> int:
+    """``--report-only``: write the page from the saved runs measured on the shipped weights; runs on
+    other weights (or with none recorded) are named and left out."""
+    from ..reference import reference_weights_id
+    from .fidelity_report import merge_results, read_results, write_report
+
+    shipped = reference_weights_id()
+    runs = {path: read_results(path) for path in saved}
+    other = [f"{path.name} ({results.get('weights', 'weights not recorded')})" for path, results in runs.items()
+             if results.get("weights") != shipped]
+    current = [results for results in runs.values() if results.get("weights") == shipped]
+    if not current:
+        print(f"none of the {len(saved)} runs in {out / 'results'} was measured on the shipped weights ({shipped}): "
+              f"{', '.join(other)}; run the study again on them", file=sys.stderr)
+        return 2
+    if other:
+        print(f"left out {len(other)} run(s) measured on other weights: {', '.join(other)}")
+    print(f"wrote {write_report(merge_results(current), out, save=False)}")
     return 0
 
 

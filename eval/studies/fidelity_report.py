@@ -98,7 +98,12 @@ def read_results(path: Path) -> dict[str, Any]:
 def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Several runs' results as one report: each run's rows join the rows of the same video size (a
     method already there is not repeated), the first run's main size and dense figures head the
-    page, and every run is listed with its command, dates and machine."""
+    page, and every run is listed with its command, dates and machine. Runs on different weights
+    (their ``weights`` fingerprints differ) are refused: their figures are not comparable."""
+    weights = {results.get("weights") for results in parts}
+    if len(weights) > 1:
+        raise ValueError(f"these runs were measured on different weights ({', '.join(map(str, sorted(weights, key=str)))}); "
+                         "merge the runs of one model only")
     merged = {**parts[0], "runs": {}, "sources": []}
     for results in map(mark_unsteady, parts):
         merged["sources"].append(source(results))
@@ -164,6 +169,8 @@ def markdown(results: dict[str, Any], figures: dict[str, str], out: Path) -> str
                          "(they should cost the same): other work slowed some of them, so this run's speedups "
                          "are not the methods'; they are marked (load) in the tables")
     lines += [
+        f"- Weights: the reference model's, fingerprint `{results.get('weights', 'not recorded')}` "
+        "(`dit_sparse.eval.reference.reference_weights_id()`)",
         f"- Scale: {_prompt_counts(results)}, {results['steps']} steps, main size {frames} frames of "
         f"{height}x{width} ({main['tokens']} video tokens per attention call); dense videos made once per prompt, "
         "size and run, and shared by every method of that run (each row's speedup is against them)",
